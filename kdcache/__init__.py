@@ -1,0 +1,20 @@
+"""kdcache: offline knowledge distillation with a replayable, verifiable teacher cache."""
+
+__version__ = "0.1.0"
+
+from .augment import Preprocess, apply_crop, sample_crop, view_rng
+from .cache import FORMAT_VERSION, CacheInfo, CacheReader, CacheWriter
+from .config import CropRanges, DumpConfig, OptimOptions, RunOptions, TrainConfig
+from .data import ImageSet, open_dataset
+from .errors import CacheError, CheckpointError, DataError, KdcacheError
+from .losses import kd_loss
+from .metrics import mean_average_precision, top1
+from .teacher import dump
+from .train import fit
+
+__all__ = [
+    "__version__", "FORMAT_VERSION", "CacheError", "CacheInfo", "CacheReader", "CacheWriter", "CheckpointError",
+    "CropRanges", "DataError", "DumpConfig", "ImageSet", "KdcacheError", "OptimOptions", "Preprocess",
+    "RunOptions", "TrainConfig", "apply_crop", "dump", "fit", "kd_loss", "mean_average_precision",
+    "open_dataset", "sample_crop", "top1", "view_rng",
+]

@@ -1,0 +1,271 @@
+"""The kdcache command line: parse, validate, build a config, call one library function.
+
+Library modules are imported inside the commands so that ``--help`` is quick.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from .config import CropRanges, DumpConfig, OptimOptions, RunOptions, TrainConfig, save_json
+
+
+def _clean_message(e: Exception) -> str:
+    """The user-facing line of an error, also when a DataLoader worker re-raised it with a traceback."""
+    text = str(e)
+    if "Original Traceback" in text:
+        last = [line for line in text.strip().splitlines() if line.strip()][-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text
+
+
+class _Group(click.Group):
+    """Turns kdcache's own errors into a one-line message and exit code 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from .errors import KdcacheError
+
+        try:
+            return super().invoke(ctx)
+        except KdcacheError as e:
+            raise click.ClickException(_clean_message(e)) from None
+        except KeyboardInterrupt:
+            click.echo("interrupted; a dump resumes when the same command runs again", err=True)
+            sys.exit(130)
+
+
+def _pick(cls: type, kwargs: dict) -> dict:
+    """Pop the keyword arguments that are fields of dataclass `cls`."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: kwargs.pop(k) for k in list(kwargs) if k in names}
+
+
+def run_options(default_batch: int = 64) -> Callable:
+    def decorate(f: Callable) -> Callable:
+        for option in reversed([
+            click.option("--data", default="digits", show_default=True,
+                         help="'digits' (built in), an ImageFolder root with train/ and test/ (or val/), "
+                              "or a Stanford 40 Actions root (has ImageSplits/)."),
+            click.option("--img-size", type=click.IntRange(8, 2048), default=None,
+                         help="Input size in pixels. [default: the cache's size in cached mode, else 224]"),
+            click.option("--batch-size", type=click.IntRange(1), default=default_batch, show_default=True),
+            click.option("--workers", type=click.IntRange(0), default=2, show_default=True,
+                         help="DataLoader worker processes for decoding (0: decode in the main process)."),
+            click.option("--device", default="auto", show_default=True,
+                         help="auto (CUDA when available), cpu, cuda or cuda:N."),
+            click.option("--amp/--no-amp", default=False, show_default=True,
+                         help="Mixed precision (bfloat16, or float16 on older GPUs); CUDA only."),
+            click.option("--seed", type=click.IntRange(0), default=0, show_default=True,
+                         help="Seeds crops (with sample id and view), batch order and model init."),
+        ]):
+            f = option(f)
+        return f
+    return decorate
+
+
+def crop_options(f: Callable) -> Callable:
+    defaults = CropRanges()
+    for option in reversed([
+        click.option("--crop-scale", type=(float, float), default=defaults.scale, show_default=True,
+                     help="RandomResizedCrop area range, as fractions of the image."),
+        click.option("--crop-ratio", type=(float, float), default=defaults.ratio, show_default=True,
+                     help="RandomResizedCrop aspect-ratio range."),
+        click.option("--hflip", type=click.FloatRange(0, 1), default=defaults.hflip, show_default=True,
+                     help="Probability that a view is mirrored."),
+    ]):
+        f = option(f)
+    return f
+
+
+def optim_options(f: Callable) -> Callable:
+    d = OptimOptions()
+    for option in reversed([
+        click.option("--opt", default=d.opt, show_default=True, help="timm optimizer name (sgd, adamw, ...)."),
+        click.option("--lr", type=click.FloatRange(0, min_open=True), default=d.lr, show_default=True),
+        click.option("--momentum", type=click.FloatRange(0, 1), default=d.momentum, show_default=True),
+        click.option("--weight-decay", type=click.FloatRange(0), default=d.weight_decay, show_default=True),
+        click.option("--sched", default=d.sched, show_default=True, help="timm scheduler name (step, cosine, ...)."),
+        click.option("--decay-epochs", type=click.IntRange(1), default=None,
+                     help="Step decay period. [default: a third of --epochs]"),
+        click.option("--decay-rate", type=click.FloatRange(0, 1), default=d.decay_rate, show_default=True),
+        click.option("--warmup-epochs", type=click.IntRange(0), default=d.warmup_epochs, show_default=True),
+    ]):
+        f = option(f)
+    return f
+
+
+def _crops(kwargs: dict) -> CropRanges:
+    try:
+        return CropRanges(scale=kwargs.pop("crop_scale"), ratio=kwargs.pop("crop_ratio"), hflip=kwargs.pop("hflip"))
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def _progress():
+    from .report import RichProgress
+
+    return RichProgress()
+
+
+def _print_result(title: str, result: dict, keys: list[str]) -> None:
+    from rich.console import Console
+
+    from .report import table
+
+    Console().print(table(title, ["field", "value"], [(k, result[k]) for k in keys if k in result]))
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="kdcache")
+def main() -> None:
+    """Offline knowledge distillation with a replayable teacher cache.
+
+    \b
+    The two-phase workflow:
+      1. kdcache train-teacher ...            (or bring a checkpoint)
+      2. kdcache dump-teacher ... --out c.h5  (the teacher runs once, K seeded views per image)
+      3. kdcache train-student ... --cached c.h5   (the teacher never runs again)
+
+    `kdcache demo` runs the whole pipeline on the built-in digits dataset.
+    """
+
+
+def _train_command(kwargs: dict, out: str, mode_title: str, **extra: Any) -> None:
+    from .train import fit
+
+    crops = _crops(kwargs)
+    run = RunOptions(**_pick(RunOptions, kwargs))
+    optim = OptimOptions(**_pick(OptimOptions, kwargs))
+    config = TrainConfig(run=run, optim=optim, crops=crops, out=out, **kwargs, **extra)
+    save_json(config, Path(out) / "config.json")
+    result = fit(config, progress=_progress())
+    _print_result(f"{mode_title}: {result['model']} ({result['mode']})", result,
+                  ["top1", "mAP", "epochs", "images_per_second", "train_seconds", "wall_seconds", "checkpoint"])
+    click.echo(f"metrics: {Path(out) / 'metrics.json'}")
+
+
+@main.command("train-teacher")
+@click.option("--model", default="convnext_small", show_default=True, help="timm model name of the teacher.")
+@click.option("--epochs", type=click.IntRange(1), default=15, show_default=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder (checkpoint, metrics.json).")
+@click.option("--pretrained", is_flag=True, help="Start from timm's pretrained weights (needs network access).")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
+              help="Start from local weights (.pt/.pth via weights_only, or .safetensors); a head of another "
+                   "size is replaced.")
+@run_options()
+@optim_options
+@crop_options
+def train_teacher(out: str, **kwargs: Any) -> None:
+    """Train or fine-tune a teacher with plain supervised training.
+
+    Defaults follow the paper's recipe: SGD, lr 1e-3, momentum 0.9, weight
+    decay 1e-5, step decay. Writes OUT/model.pt and OUT/metrics.json.
+
+    \b
+    Example:
+      kdcache train-teacher --data cifar10-jpg --model convnext_atto --img-size 32 --epochs 10 --out runs/teacher
+    """
+    _train_command(kwargs, out, "teacher")
+
+
+@main.command("dump-teacher")
+@click.option("--teacher", required=True, help="timm model name of the teacher.")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
+              help="The teacher's weights (e.g. OUT/model.pt of train-teacher).")
+@click.option("--pretrained", is_flag=True, help="Use timm's pretrained weights instead of --checkpoint.")
+@click.option("--views", type=click.IntRange(1), default=15, show_default=True,
+              help="Seeded crops per image (a student epoch e uses view e mod K).")
+@click.option("--store", default="fp16", show_default=True, help="Logit storage: fp16, fp32 or topk:K.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The cache file to write (.h5).")
+@click.option("--force", is_flag=True, help="Overwrite an existing complete cache.")
+@run_options(default_batch=256)
+@crop_options
+def dump_teacher(teacher: str, checkpoint: str | None, pretrained: bool, views: int, store: str, out: str,
+                 force: bool, **kwargs: Any) -> None:
+    """Run the teacher once over K seeded views of every training image into one HDF5 cache.
+
+    The crop of (seed, sample id, view) is stored with the teacher's logits, so
+    students replay it exactly. An interrupted dump resumes when the same
+    command runs again; the file appears under its name only when complete.
+    --batch-size counts crops per teacher forward pass.
+    """
+    from .teacher import dump
+
+    if checkpoint is None and not pretrained:
+        click.echo("note: no --checkpoint or --pretrained: the teacher has random weights", err=True)
+    crops = _crops(kwargs)
+    config = DumpConfig(teacher=teacher, checkpoint=checkpoint, pretrained=pretrained, views=views, store=store,
+                        out=out, force=force, crops=crops, run=RunOptions(**_pick(RunOptions, kwargs)))
+    result = dump(config, progress=_progress())
+    save_json(config, Path(out).with_name(Path(out).name + ".config.json"))
+    _print_result(f"cache {out}", result, ["num_samples", "num_views", "num_classes", "store", "records_dumped",
+                                           "records_per_second", "teacher_view_top1", "file_bytes"])
+
+
+@main.command("train-student")
+@click.option("--model", required=True, help="timm model name of the student.")
+@click.option("--epochs", type=click.IntRange(1), default=15, show_default=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder (checkpoint, metrics.json).")
+@click.option("--cached", type=click.Path(dir_okay=False), default=None,
+              help="Cached KD: replay crops and teacher logits from this cache.")
+@click.option("--preload/--no-preload", default=None,
+              help="Load the cache into memory. [default: when it is under 2 GiB]")
+@click.option("--online-teacher", default=None, help="Online KD: run this timm teacher live on the same crops.")
+@click.option("--teacher-checkpoint", type=click.Path(dir_okay=False), default=None,
+              help="Weights of --online-teacher.")
+@click.option("--teacher-pretrained", is_flag=True, help="Online teacher with timm's pretrained weights.")
+@click.option("--alpha", type=click.FloatRange(0, 1), default=TrainConfig.alpha, show_default=True,
+              help="Weight of the label cross-entropy; 1 - alpha weighs the KD term.")
+@click.option("--temperature", type=click.FloatRange(0, min_open=True), default=TrainConfig.temperature,
+              show_default=True, help="Softmax temperature T of the KD term (scaled by T^2).")
+@click.option("--pretrained", is_flag=True, help="Start the student from timm's pretrained weights.")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None, help="Start the student from local weights.")
+@run_options()
+@optim_options
+@crop_options
+def train_student(out: str, **kwargs: Any) -> None:
+    """Train a student: plain, with cached KD (--cached) or with online KD (--online-teacher).
+
+    \b
+    Loss: (1-alpha) * T^2 * KL(softmax(t/T) || softmax(s/T)) + alpha * CE(y, s)
+    The three modes share one loop and one loss; only where the teacher
+    logits come from differs. Without --cached or --online-teacher the
+    student trains on labels alone.
+    """
+    if kwargs["cached"] and kwargs["online_teacher"]:
+        raise click.UsageError("--cached and --online-teacher are two teacher sources; choose one")
+    if kwargs["teacher_checkpoint"] and not kwargs["online_teacher"]:
+        raise click.UsageError("--teacher-checkpoint goes with --online-teacher")
+    _train_command(kwargs, out, "student")
+
+
+@main.command()
+@click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for every output of the demo.")
+@click.option("--device", default="auto", show_default=True)
+def demo(out: str, device: str) -> None:
+    """The whole pipeline on the built-in digits dataset, in a few minutes on a CPU.
+
+    Trains a teacher, dumps it once, trains one student plain, with cached KD
+    and with online KD, and prints a table of the results.
+    """
+    from rich.console import Console
+
+    from .demo import run_demo
+    from .report import table
+
+    rows = run_demo(out, device=device, progress=_progress())
+    console = Console()
+    console.print(table("kdcache demo (digits, 32 px)", ["run", "mode", "top-1 %", "mAP %", "wall s", "train img/s"],
+                        [(r["name"], r["mode"], r["top1"], r["mAP"], r["wall_seconds"], r["images_per_second"])
+                         for r in rows]))
+    console.print(f"outputs: {Path(out).resolve()} (cache, checkpoints, metrics.json per run, summary.json)")
+
+
+if __name__ == "__main__":
+    main()
