@@ -195,9 +195,11 @@ def fit(config: TrainConfig, progress: Progress | None = None,
     train = open_dataset(run.data, "train")
     test = open_dataset(run.data, "test")
     img_size = run.img_size or (reader.info.input_size if reader else DEFAULT_IMG_SIZE)
-    torch.manual_seed(run.seed)  # model initialisation is the one use of global torch RNG
     targets, teacher_prep, extra = _build_targets(config, reader, train, img_size, device, amp, progress)
     crop_ranges = ranges_of_cache(reader) if reader else config.crops  # cached crops follow the dump's ranges
+    # The student's initialisation (and dropout) is the one use of global torch RNG; seeding here,
+    # after any teacher is built, gives every mode the same starting weights.
+    torch.manual_seed(run.seed)
     model = build(config.model, train.num_classes, img_size, pretrained=config.pretrained,
                   checkpoint=config.checkpoint, allow_new_head=True).to(device)
     if device.type == "cuda":
