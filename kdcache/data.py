@@ -31,7 +31,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.io import ImageReadMode, decode_image
+from PIL import Image
+from torchvision.transforms.v2.functional import pil_to_tensor
 
 from .errors import DataError
 
@@ -142,20 +143,13 @@ class FileImageSet(ImageSet):
     def load(self, index: int) -> torch.Tensor:
         path = self.path(index)
         try:
-            data = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
-        except OSError as e:
-            raise DataError(f"cannot read image {path}: {e.strerror or e}") from None
-        try:
-            return decode_image(data, mode=ImageReadMode.RGB)
-        except (RuntimeError, ValueError):
-            pass
-        try:  # formats torchvision cannot decode (BMP, TIFF)
-            from PIL import Image
-            from torchvision.transforms.v2.functional import pil_to_tensor
-
             with Image.open(path) as im:
                 return pil_to_tensor(im.convert("RGB"))
-        except Exception as e:  # PIL raises many types for a broken file
+        except OSError as e:
+            if isinstance(e, FileNotFoundError) or not path.is_file():
+                raise DataError(f"cannot read image {path}: file not found") from None
+            raise DataError(f"cannot decode image {path}: {e}") from None
+        except Exception as e:  # PIL raises several types for a broken file
             raise DataError(f"cannot decode image {path}: {e}") from None
 
     def _content_hash(self, index: int) -> int:

@@ -1,0 +1,123 @@
+"""The CLI round trip (click's CliRunner) on digits, ImageFolder and Stanford 40, and bad inputs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from conftest import STUDENT, TEACHER
+from kdcache.cli import main
+
+FAST = ["--img-size", "32", "--batch-size", "16", "--device", "cpu", "--opt", "adamw", "--lr", "1e-3"]
+
+
+def invoke(*args: str) -> Result:
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result
+
+
+def ok(*args: str) -> Result:
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result
+
+
+def fails(*args: str, match: str) -> Result:
+    result = invoke(*args)
+    assert result.exit_code != 0
+    assert isinstance(result.exception, SystemExit), f"a traceback escaped: {result.exception!r}"
+    assert "Traceback" not in result.output
+    assert match in result.output, result.output
+    return result
+
+
+def pipeline(data: str, tmp: Path, workers: int, views: int = 2, epochs: int = 2) -> dict[str, dict]:
+    """train-teacher, dump-teacher, then train-student in all three modes; returns each run's metrics."""
+    ok("train-teacher", "--data", data, "--model", TEACHER, "--epochs", 1, "--out", tmp / "teacher",
+       "--workers", workers, *FAST)
+    ckpt = json.loads((tmp / "teacher" / "metrics.json").read_text())["checkpoint"]
+    ok("dump-teacher", "--data", data, "--teacher", TEACHER, "--checkpoint", ckpt, "--views", views, "--seed", 0,
+       "--img-size", 32, "--device", "cpu", "--workers", workers, "--out", tmp / "cache.h5")
+    runs = {}
+    common = ["--data", data, "--model", STUDENT, "--epochs", epochs, "--workers", workers, *FAST]
+    ok("train-student", *common, "--out", tmp / "plain")
+    ok("train-student", *common, "--cached", tmp / "cache.h5", "--out", tmp / "cached")
+    ok("train-student", *common, "--online-teacher", TEACHER, "--teacher-checkpoint", ckpt, "--out", tmp / "online")
+    for mode in ("plain", "cached", "online"):
+        runs[mode] = json.loads((tmp / mode / "metrics.json").read_text())
+        assert runs[mode]["mode"] == mode
+        for key in ("top1", "mAP", "epochs", "images_per_second", "wall_seconds", "checkpoint"):
+            assert key in runs[mode]
+        assert Path(runs[mode]["checkpoint"]).is_file()
+        assert json.loads((tmp / mode / "config.json").read_text())["model"] == STUDENT
+    return runs
+
+
+def test_pipeline_on_digits(tmp_path: Path) -> None:
+    runs = pipeline("digits", tmp_path, workers=0)
+    assert runs["cached"]["cache_views"] == 2
+    assert 0 <= runs["plain"]["top1"] <= 100
+
+
+def test_pipeline_on_image_folder_with_workers(tmp_path: Path, image_folder: Path) -> None:
+    pipeline(str(image_folder), tmp_path, workers=2, views=1, epochs=3)  # 3 epochs over 1 view: views reused
+
+
+def test_pipeline_on_stanford40(tmp_path: Path, stanford40: Path) -> None:
+    runs = pipeline(str(stanford40), tmp_path, workers=0)
+    assert runs["cached"]["dataset"].startswith("stanford40")
+
+
+def test_python_cli_shim_matches_entry_point() -> None:
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "cli.py"), "train-student", "--help"], capture_output=True,
+                         text=True, check=True, cwd=root).stdout
+    assert "--cached" in out and "--online-teacher" in out and "Loss:" in out
+
+
+def test_every_command_has_help() -> None:
+    for command in ("train-teacher", "dump-teacher", "train-student", "demo"):
+        assert "Usage:" in ok(command, "--help").output
+
+
+@pytest.fixture(scope="module")
+def digits_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("c") / "c.h5"
+    ok("dump-teacher", "--teacher", TEACHER, "--views", 1, "--img-size", 32, "--device", "cpu", "--workers", 0,
+       "--out", path)
+    return path
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path: Path, digits_cache: Path, digits_teacher: str) -> None:
+    student = ["train-student", "--model", STUDENT, "--epochs", 1, "--out", tmp_path / "s", *FAST]
+    fails(*student, "--data", tmp_path / "no-such-dir", match="does not exist")
+    fails(*student, "--cached", tmp_path / "missing.h5", match="missing.h5 does not exist")
+    fails(*student, "--cached", digits_cache, "--online-teacher", TEACHER, match="choose one")
+    fails(*student, "--online-teacher", STUDENT, "--teacher-checkpoint", digits_teacher,
+          match=f"does not fit model '{STUDENT}'")
+    fails("dump-teacher", "--teacher", STUDENT, "--checkpoint", digits_teacher, "--img-size", 32, "--device", "cpu",
+          "--out", tmp_path / "x.h5", match="does not fit model")
+    fails(*student, "--model", "no_such_model_xyz", match="unknown timm model")
+    fails("dump-teacher", "--teacher", TEACHER, "--out", digits_cache, "--img-size", 32, match="--force")
+    fails("dump-teacher", "--teacher", TEACHER, "--store", "fp8", "--out", tmp_path / "y.h5", match="--store")
+    fails("train-student", "--model", STUDENT, "--epochs", 1, "--out", tmp_path / "s", "--cached", digits_cache,
+          "--img-size", 64, "--device", "cpu", match="dumped at 32 px")
+    fails("train-teacher", "--model", TEACHER, "--out", tmp_path / "t", "--checkpoint", tmp_path / "none.pt",
+          match="none.pt does not exist")
+
+
+def test_cache_from_another_dataset_is_refused(tmp_path: Path, digits_cache: Path, image_folder: Path) -> None:
+    fails("train-student", "--data", image_folder, "--model", STUDENT, "--epochs", 1, "--out", tmp_path / "s",
+          "--cached", digits_cache, *FAST, match="another dataset")
+
+
+def test_unreadable_image_in_a_worker_is_one_line(tmp_path: Path, image_folder: Path) -> None:
+    (image_folder / "train" / "class1" / "002.jpg").write_bytes(b"garbage")
+    result = fails("train-teacher", "--data", image_folder, "--model", TEACHER, "--epochs", 1, "--out", tmp_path / "t",
+                   "--workers", 2, *FAST, match="cannot decode image")
+    assert "class1/002.jpg" in result.output
