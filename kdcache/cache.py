@@ -273,7 +273,8 @@ class CacheWriter:
             h5.flush()
         except OSError as e:
             h5.close()
-            raise CacheError(f"cannot create {self.partial}: {e}") from None
+            self.partial.unlink(missing_ok=True)  # it holds no teacher output yet: nothing to resume
+            raise CacheError(f"cannot create {self.partial} ({e}); is the disk full?") from None
         return h5
 
     def _resume(self) -> h5py.File:
@@ -356,7 +357,8 @@ class CacheReader:
             self.sample_ids = h5["sample_ids"][:]
             self.labels = h5["labels"][:]
             self.content_hashes = h5["content_hashes"][:]
-            self.attrs = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in h5.attrs.items()}
+            self.attrs = {k: (v.tolist() if isinstance(v, (np.ndarray, np.generic)) else v)
+                          for k, v in h5.attrs.items()}
         self.target_names = tuple(_target_layout(self.info))
         size = os.path.getsize(self.path)
         self.preload = size <= PRELOAD_LIMIT_BYTES if preload is None else preload

@@ -6,6 +6,7 @@ Library modules are imported inside the commands so that ``--help`` is quick.
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -242,6 +243,60 @@ def train_student(out: str, **kwargs: Any) -> None:
     if kwargs["teacher_checkpoint"] and not kwargs["online_teacher"]:
         raise click.UsageError("--teacher-checkpoint goes with --online-teacher")
     _train_command(kwargs, out, "student")
+
+
+@main.command()
+@click.argument("cache", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (for scripts).")
+def inspect(cache: str, as_json: bool) -> None:
+    """Summarise CACHE: provenance, sizes, per-view teacher accuracy, entropy and confidence."""
+    from rich.console import Console
+
+    from .audit import inspect_cache
+    from .report import table
+
+    summary = inspect_cache(cache)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    console = Console()
+    skip = {"per_view", "mean", "std", "crop_scale", "crop_ratio", "library_versions"}
+    rows = [(k, v) for k, v in summary.items() if k not in skip]
+    rows += [("mean / std", f"{summary['mean']} / {summary['std']}"),
+             ("crop scale / ratio", f"{summary['crop_scale']} / {summary['crop_ratio']}")]
+    console.print(table(f"cache {cache}", ["field", "value"], rows))
+    console.print(table("per view (teacher vs labels)", ["view", "top-1 %", "confidence", "entropy"],
+                        [(v["view"], v["top1"], v["confidence"], v["entropy"]) for v in summary["per_view"]]))
+
+
+@main.command()
+@click.argument("cache", type=click.Path(dir_okay=False))
+@click.option("--data", default="digits", show_default=True, help="The dataset the cache was dumped from.")
+@click.option("--teacher", required=True, help="timm model name of the teacher.")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None, help="The teacher's weights.")
+@click.option("--pretrained", is_flag=True, help="Use timm's pretrained weights instead of --checkpoint.")
+@click.option("--samples", type=click.IntRange(1), default=256, show_default=True,
+              help="Random (image, view) records to recompute.")
+@click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Which records are drawn.")
+@click.option("--tolerance", type=click.FloatRange(0), default=None,
+              help="Largest accepted logit difference relative to the record's largest |logit|. "
+                   "[default: 1e-3 for fp32, 2e-2 for fp16 and top-k]")
+@click.option("--device", default="auto", show_default=True)
+def verify(cache: str, data: str, teacher: str, checkpoint: str | None, pretrained: bool, samples: int, seed: int,
+           tolerance: float | None, device: str) -> None:
+    """Recompute random records of CACHE with the teacher; exit 1 if they differ.
+
+    Each sampled record's crop must be the one its (seed, sample id, view)
+    gives, and its logits must match the teacher's on that crop.
+    """
+    from .audit import require_ok, verify_cache
+
+    result = verify_cache(cache, data, teacher, checkpoint, samples=samples, seed=seed, device=device,
+                          pretrained=pretrained, tolerance=tolerance, progress=_progress())
+    _print_result(f"verify {cache}", result, ["samples", "store", "max_abs_logit_diff", "max_rel_logit_diff",
+                                              "tolerance", "mean_kl", "crop_mismatches", "ok"])
+    require_ok(result)
+    click.echo("ok: the cache matches the teacher")
 
 
 @main.command()

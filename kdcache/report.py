@@ -6,6 +6,7 @@ prints; the CLI passes a :class:`RichProgress`, tests pass nothing.
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any, Iterable
 
@@ -13,7 +14,6 @@ from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
-    TaskProgressColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -42,7 +42,8 @@ class RichProgress(Progress):
     """A rich progress bar per stage with images/s and ETA, and notes on stderr."""
 
     def __init__(self, console: Console | None = None) -> None:
-        self.console = console or Console(stderr=True)
+        # Logs and CI have no terminal: give the bar room instead of rich's 80 columns.
+        self.console = console or Console(stderr=True, width=None if sys.stderr.isatty() else 140)
         self._bar: _RichBar | None = None
         self._task = None
         self._t0 = 0.0
@@ -50,8 +51,8 @@ class RichProgress(Progress):
 
     def start(self, stage: str, total: int) -> None:
         self.stop()
-        self._bar = _RichBar(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                             TaskProgressColumn(), TextColumn("{task.fields[rate]}"), TextColumn("{task.fields[info]}"),
+        self._bar = _RichBar(TextColumn("[bold]{task.description}"), BarColumn(bar_width=16), MofNCompleteColumn(),
+                             TextColumn("{task.fields[rate]}"), TextColumn("{task.fields[info]}"),
                              TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=self.console,
                              transient=False)
         self._bar.start()

@@ -227,7 +227,7 @@ def fit(config: TrainConfig, progress: Progress | None = None,
     for epoch in range(config.epochs):
         dataset.epoch = order.epoch = epoch
         loader = train_loader(dataset, order, run.batch_size, run.workers, device)
-        progress.start(f"{targets.mode} {config.model} epoch {epoch + 1}/{config.epochs}", len(loader) * run.batch_size
+        progress.start(f"{targets.mode} {config.model} {epoch + 1}/{config.epochs}", len(loader) * run.batch_size
                        if loader.drop_last else len(train))
         stats = train_one_epoch(model, loader, optimizer, targets, prep, device, config.alpha, config.temperature,
                                 amp, scaler, epoch, progress, on_step)

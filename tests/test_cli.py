@@ -121,3 +121,68 @@ def test_unreadable_image_in_a_worker_is_one_line(tmp_path: Path, image_folder: 
     result = fails("train-teacher", "--data", image_folder, "--model", TEACHER, "--epochs", 1, "--out", tmp_path / "t",
                    "--workers", 2, *FAST, match="cannot decode image")
     assert "class1/002.jpg" in result.output
+
+
+def test_inspect_and_verify_good_and_tampered(tmp_path: Path, digits_teacher: str) -> None:
+    import h5py
+    import shutil
+
+    cache = tmp_path / "c.h5"
+    ok("dump-teacher", "--teacher", TEACHER, "--checkpoint", digits_teacher, "--views", 2, "--img-size", 32,
+       "--device", "cpu", "--workers", 0, "--store", "fp16", "--out", cache)
+    summary = json.loads(ok("inspect", cache, "--json").output)
+    assert (summary["num_samples"], summary["num_views"], summary["num_classes"]) == (1348, 2, 10)
+    assert summary["store"] == "fp16" and summary["bytes_per_record"] == 10 * 2 + 17
+    assert len(summary["per_view"]) == 2 and 0 <= summary["teacher_top1_mean"] <= 100
+    assert "per view" in ok("inspect", cache).output
+
+    verify = ["verify", "--teacher", TEACHER, "--checkpoint", digits_teacher, "--samples", 64, "--device", "cpu"]
+    assert "ok: the cache matches" in ok(*verify, cache).output
+
+    logits_edit = tmp_path / "logits.h5"
+    shutil.copy(cache, logits_edit)
+    with h5py.File(logits_edit, "r+") as h5:
+        h5["logits"][:, 1] = h5["logits"][:, 1] + 0.5
+    fails(*verify, logits_edit, match="verify failed: logits differ")
+
+    crop_edit = tmp_path / "crops.h5"
+    shutil.copy(cache, crop_edit)
+    with h5py.File(crop_edit, "r+") as h5:
+        h5["crops"][:, 0, 0] = 0.0
+    fails(*verify, crop_edit, match="stored crops differ from their seeds")
+
+
+def test_fine_tune_from_local_checkpoint_with_another_head(tmp_path: Path) -> None:
+    """--checkpoint with 1000-class weights (as an ImageNet checkpoint would be), as .pt and .safetensors."""
+    import torch
+    from safetensors.torch import save_file
+
+    from kdcache.models import create_model, save_checkpoint
+
+    torch.manual_seed(0)
+    imagenet_like = create_model(TEACHER, num_classes=1000, img_size=32)
+    pt, st = tmp_path / "in1k.pt", tmp_path / "in1k.safetensors"
+    save_checkpoint(imagenet_like, pt, {"arch": TEACHER})
+    save_file({k: v.contiguous() for k, v in imagenet_like.state_dict().items()}, str(st))
+    for ckpt in (pt, st):
+        out = tmp_path / ckpt.suffix[1:]
+        ok("train-teacher", "--model", TEACHER, "--checkpoint", ckpt, "--epochs", 1, "--out", out, "--workers", 0, *FAST)
+        tuned = torch.load(out / "model.pt", weights_only=True)["model"]
+        stem = next(k for k in tuned if k.startswith("stem") and k.endswith("weight"))
+        assert not torch.equal(tuned[stem], imagenet_like.state_dict()[stem])  # it trained from there
+        assert tuned["head.fc.weight"].shape[0] == 10
+
+
+def test_pretrained_without_network_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    fails("train-teacher", "--model", TEACHER, "--pretrained", "--epochs", 1, "--out", tmp_path / "t", *FAST,
+          match="could not load timm's pretrained weights")
+
+
+def test_unsafe_pickle_checkpoint_is_refused(tmp_path: Path) -> None:
+    import torch
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": {"w": torch.zeros(1)}, "payload": object()}, evil)  # not loadable with weights_only
+    fails("train-teacher", "--model", TEACHER, "--checkpoint", evil, "--epochs", 1, "--out", tmp_path / "t", *FAST,
+          match="cannot read checkpoint")
