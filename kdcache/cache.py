@@ -50,8 +50,10 @@ holds no pickled objects.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import json
 import os
+import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -217,6 +219,14 @@ def _check_layout(h5: h5py.File, info: CacheInfo, path: Path) -> None:
             raise CacheError(f"{path}: dataset '{name}' is {ds.shape} {ds.dtype}, expected {shape} {dtype}")
 
 
+def _io_reason(e: BaseException) -> str:
+    """A short reason for a failed write; 'the disk is full' when it is."""
+    text = str(e)
+    if getattr(e, "errno", None) == errno.ENOSPC or "errno = 28" in text or "No space left" in text:
+        return "the disk is full (no space left on device)"
+    return text.split(" (")[0]
+
+
 def _open_h5(path: Path, mode: str) -> h5py.File:
     try:
         return h5py.File(path, mode)
@@ -245,7 +255,11 @@ class CacheWriter:
             self.h5 = self._resume()
         else:
             self.h5 = self._create(sample_ids, labels, content_hashes)
-        self._done = self.h5["done"][:].astype(bool)
+        # Dataset handles stay open for the whole dump: h5py writes chunks back when a handle is
+        # released and ignores errors there, so a temporary handle per write could lose data on a
+        # full disk without a word. With open handles, the flush below reports every failure.
+        self._datasets = {name: self.h5[name] for name in _layout(self.info)}
+        self._done = self._datasets["done"][:].astype(bool)
 
     def _create(self, sample_ids: np.ndarray, labels: np.ndarray, content_hashes: np.ndarray) -> h5py.File:
         h5 = _open_h5(self.partial, "w")
@@ -271,10 +285,17 @@ class CacheWriter:
             h5["content_hashes"][:] = content_hashes
             h5["done"][:] = 0
             h5.flush()
-        except OSError as e:
-            h5.close()
+            # Reserve the disk space of the whole cache now: a full disk then fails here, at the
+            # start, rather than after hours of teacher time.
+            with open(self.partial, "r+b") as f:
+                os.posix_fallocate(f.fileno(), 0, h5.id.get_filesize())
+        except (OSError, RuntimeError) as e:
+            try:
+                h5.close()
+            except (OSError, RuntimeError):
+                pass
             self.partial.unlink(missing_ok=True)  # it holds no teacher output yet: nothing to resume
-            raise CacheError(f"cannot create {self.partial} ({e}); is the disk full?") from None
+            raise CacheError(f"cannot create {self.partial}: {_io_reason(e)}") from None
         return h5
 
     def _resume(self) -> h5py.File:
@@ -308,34 +329,45 @@ class CacheWriter:
                   **compress_logits(logits, self.info.store)}
         lo, hi = int(rows[0]), int(rows[-1]) + 1
         contiguous = hi - lo == len(rows)
+        where = slice(lo, hi) if contiguous else rows
         try:
             for name, value in arrays.items():
-                if contiguous:
-                    self.h5[name][lo:hi] = value
-                else:
-                    self.h5[name][rows] = value
+                self._datasets[name][where] = value
             self.h5.flush()  # the data reaches the file before the rows count as done
-            if contiguous:
-                self.h5["done"][lo:hi] = 1
-            else:
-                self.h5["done"][rows] = 1
+            self._datasets["done"][where] = 1
             self.h5.flush()
-        except OSError as e:
-            raise CacheError(f"writing {self.partial} failed ({e}); fix the cause and re-run the same command to resume") from None
+        except (OSError, RuntimeError) as e:  # h5py reports a failed flush as RuntimeError
+            raise CacheError(f"writing {self.partial} failed: {_io_reason(e)}; fix that and re-run the same "
+                             "command to resume") from None
         self._done[rows] = True
 
     def finish(self) -> Path:
         """Mark the cache complete and move it to its final name."""
         if not self._done.all():
             raise CacheError(f"{self.partial}: {int((~self._done).sum())} rows are not written yet")
-        self.h5.attrs["complete"] = True
-        self.h5.close()
+        try:
+            self.h5.attrs["complete"] = True
+            self.h5.flush()
+            self._datasets.clear()
+            self.h5.close()
+        except (OSError, RuntimeError) as e:
+            raise CacheError(f"finishing {self.partial} failed: {_io_reason(e)}; fix that and re-run "
+                             "the same command") from None
         os.replace(self.partial, self.path)
         return self.path
 
     def close(self) -> None:
-        if self.h5.id.valid:
-            self.h5.close()
+        """Close the file; after a failed write, closing may fail too, and that is not news."""
+        hook = sys.unraisablehook
+        sys.unraisablehook = lambda _: None  # h5py reports failed write-backs of released handles here
+        try:
+            self._datasets.clear()
+            if self.h5.id.valid:
+                self.h5.close()
+        except (OSError, RuntimeError):
+            pass
+        finally:
+            sys.unraisablehook = hook
 
 
 class CacheReader:

@@ -173,10 +173,16 @@ def test_fine_tune_from_local_checkpoint_with_another_head(tmp_path: Path) -> No
         assert tuned["head.fc.weight"].shape[0] == 10
 
 
-def test_pretrained_without_network_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    fails("train-teacher", "--model", TEACHER, "--pretrained", "--epochs", 1, "--out", tmp_path / "t", *FAST,
-          match="could not load timm's pretrained weights")
+def test_pretrained_without_network_is_a_clear_error(tmp_path: Path) -> None:
+    import os
+
+    # A fresh process, so huggingface_hub reads HF_HUB_OFFLINE at import and fails at once.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "kdcache", "train-teacher", "--model", TEACHER, "--pretrained",
+                             "--epochs", "1", "--out", str(tmp_path / "t"), *FAST], capture_output=True, text=True,
+                            env=env, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "could not load timm's pretrained weights" in result.stderr
 
 
 def test_unsafe_pickle_checkpoint_is_refused(tmp_path: Path) -> None:
