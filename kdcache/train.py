@@ -178,13 +178,43 @@ def _build_targets(config: TrainConfig, reader: CacheReader | None, train: Image
     return PlainTargets(config.run.seed, config.crops), None, {}
 
 
-def fit(config: TrainConfig, progress: Progress | None = None,
-        on_step: Callable[[StepLog], None] | None = None) -> dict:
-    """Train `config.model` in the mode the config names; write a checkpoint and metrics.json.
+@dataclass
+class Run:
+    """Everything one training run needs, built once from its config."""
 
-    Returns the metrics dict that is also written to ``OUT/metrics.json``.
-    """
-    wall_start = time.perf_counter()
+    config: TrainConfig
+    device: torch.device
+    amp: torch.dtype | None
+    train: ImageSet
+    test: ImageSet
+    img_size: int
+    targets: TargetSource
+    prep: Preprocess
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: torch.amp.GradScaler
+    dataset: TrainViews
+    order: EpochOrder
+    extra: dict
+
+    def loader(self, epoch: int):
+        """The epoch's DataLoader: view and batch order set for `epoch`."""
+        self.dataset.epoch = self.order.epoch = epoch
+        run = self.config.run
+        return train_loader(self.dataset, self.order, run.batch_size, run.workers, self.device)
+
+    def train_epoch(self, epoch: int, loader=None, progress: Progress | None = None,
+                    on_step: Callable[[StepLog], None] | None = None) -> dict[str, float]:
+        """One epoch (or the batches of `loader`, if given) with this run's loss settings."""
+        c = self.config
+        return train_one_epoch(self.model, loader if loader is not None else self.loader(epoch), self.optimizer,
+                               self.targets, self.prep, self.device, c.alpha, c.temperature, self.amp, self.scaler,
+                               epoch, progress, on_step)
+
+
+def prepare(config: TrainConfig, progress: Progress | None = None) -> Run:
+    """Open the data, pick the mode, build the student, its optimizer and scheduler."""
     progress = progress or Progress()
     run = config.run
     if config.cached and config.online_teacher:
@@ -197,6 +227,7 @@ def fit(config: TrainConfig, progress: Progress | None = None,
     img_size = run.img_size or (reader.info.input_size if reader else DEFAULT_IMG_SIZE)
     targets, teacher_prep, extra = _build_targets(config, reader, train, img_size, device, amp, progress)
     crop_ranges = ranges_of_cache(reader) if reader else config.crops  # cached crops follow the dump's ranges
+    extra["crop_scale"] = list(crop_ranges.scale)
     # The student's initialisation (and dropout) is the one use of global torch RNG; seeding here,
     # after any teacher is built, gives every mode the same starting weights.
     torch.manual_seed(run.seed)
@@ -218,54 +249,62 @@ def fit(config: TrainConfig, progress: Progress | None = None,
                                        decay_epochs=decay_epochs, decay_rate=optim.decay_rate,
                                        warmup_epochs=optim.warmup_epochs)
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
+    return Run(config=config, device=device, amp=amp, train=train, test=test, img_size=img_size, targets=targets,
+               prep=prep, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+               dataset=TrainViews(train, targets.views, prep), order=EpochOrder(len(train), run.seed), extra=extra)
 
-    dataset = TrainViews(train, targets.views, prep)
-    order = EpochOrder(len(train), run.seed)
+
+def fit(config: TrainConfig, progress: Progress | None = None,
+        on_step: Callable[[StepLog], None] | None = None) -> dict:
+    """Train `config.model` in the mode the config names; write a checkpoint and metrics.json.
+
+    Returns the metrics dict that is also written to ``OUT/metrics.json``.
+    """
+    wall_start = time.perf_counter()
+    progress = progress or Progress()
+    r = prepare(config, progress)
     history: list[dict] = []
     train_seconds = 0.0
     train_images = 0
     for epoch in range(config.epochs):
-        dataset.epoch = order.epoch = epoch
-        loader = train_loader(dataset, order, run.batch_size, run.workers, device)
-        progress.start(f"{targets.mode} {config.model} {epoch + 1}/{config.epochs}", len(loader) * run.batch_size
-                       if loader.drop_last else len(train))
-        stats = train_one_epoch(model, loader, optimizer, targets, prep, device, config.alpha, config.temperature,
-                                amp, scaler, epoch, progress, on_step)
+        loader = r.loader(epoch)
+        progress.start(f"{r.targets.mode} {config.model} {epoch + 1}/{config.epochs}",
+                       len(loader) * config.run.batch_size if loader.drop_last else len(r.train))
+        stats = r.train_epoch(epoch, loader, progress, on_step)
         progress.stop()
-        if scheduler is not None:
-            scheduler.step(epoch + 1)
+        if r.scheduler is not None:
+            r.scheduler.step(epoch + 1)
         train_seconds += stats["seconds"]
         train_images += stats["images"]
-        history.append({"epoch": epoch, "view": targets.views.view(epoch),
-                        "lr": optimizer.param_groups[0]["lr"], **stats})
+        history.append({"epoch": epoch, "view": r.targets.views.view(epoch),
+                        "lr": r.optimizer.param_groups[0]["lr"], **stats})
 
-    progress.start(f"evaluate {config.model}", len(test))
-    result = evaluate(model, test, prep, device, run.batch_size, run.workers, amp)
-    progress.update(len(test))
+    progress.start(f"evaluate {config.model}", len(r.test))
+    result = evaluate(r.model, r.test, r.prep, r.device, config.run.batch_size, config.run.workers, r.amp)
+    progress.update(len(r.test))
     progress.stop()
 
     out = Path(config.out)
     checkpoint = out / "model.pt"
-    save_checkpoint(model, checkpoint, {"arch": config.model, "num_classes": train.num_classes,
-                                        "img_size": img_size, "classes": list(train.classes)})
+    save_checkpoint(r.model, checkpoint, {"arch": config.model, "num_classes": r.train.num_classes,
+                                          "img_size": r.img_size, "classes": list(r.train.classes)})
     summary = {
-        "mode": targets.mode,
+        "mode": r.targets.mode,
         "model": config.model,
-        "dataset": train.name,
+        "dataset": r.train.name,
         "top1": result["top1"],
         "mAP": result["mAP"],
         "epochs": config.epochs,
-        "img_size": img_size,
-        "batch_size": run.batch_size,
+        "img_size": r.img_size,
+        "batch_size": config.run.batch_size,
         "train_images": train_images,
         "train_seconds": train_seconds,
         "images_per_second": train_images / max(train_seconds, 1e-9),
         "wall_seconds": time.perf_counter() - wall_start,
-        "device": str(device),
-        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "device": str(r.device),
+        "params_m": sum(p.numel() for p in r.model.parameters()) / 1e6,
         "checkpoint": str(checkpoint),
-        "crop_scale": list(crop_ranges.scale),
-        **extra,
+        **r.extra,
     }
     (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "history.json").write_text(json.dumps(history, indent=2) + "\n")
