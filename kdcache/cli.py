@@ -57,7 +57,7 @@ def run_options(default_batch: int = 64) -> Callable:
             click.option("--batch-size", type=click.IntRange(1), default=default_batch, show_default=True),
             click.option("--workers", type=click.IntRange(0), default=default_workers(), show_default=True,
                          help="DataLoader worker processes for decoding (0: decode in the main process). "
-                              "Default: half the CPU cores, at most 8."),
+                              "Default: half the CPU cores, at most 8; 0 on 2 cores or fewer."),
             click.option("--device", default="auto", show_default=True,
                          help="auto (CUDA when available), cpu, cuda or cuda:N."),
             click.option("--amp/--no-amp", default=False, show_default=True,

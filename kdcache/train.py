@@ -236,7 +236,11 @@ def prepare(config: TrainConfig, progress: Progress | None = None) -> Run:
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     # KD modes train on exactly the pixels the teacher saw, normalised as the teacher's were.
-    prep = teacher_prep or Preprocess.for_model(model, img_size)
+    own = Preprocess.for_model(model, img_size)
+    prep = teacher_prep or own
+    if (own.mean, own.std) != (prep.mean, prep.std) and (config.pretrained or config.checkpoint):
+        progress.note(f"{config.model} was pretrained with mean {own.mean} and std {own.std}; it trains here on "
+                      f"the teacher's normalisation (mean {prep.mean}, std {prep.std}) so both see the same input")
 
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2

@@ -149,3 +149,12 @@ def test_reader_opens_lazily_in_workers(tmp_path: Path, preload: bool) -> None:
     got = np.concatenate([b.numpy() for b in DataLoader(ReadInWorkers(reader), batch_size=4, num_workers=2)])
     logits = fake_records()[2]
     np.testing.assert_array_equal(got, logits[np.arange(N), np.arange(N) % K])
+
+
+def test_truncated_file_is_a_one_line_error(tmp_path: Path) -> None:
+    path = write_cache(tmp_path / "c.h5")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CacheError, match="not a readable HDF5 file") as e:
+        CacheReader(path)
+    assert "\n" not in str(e.value)

@@ -192,3 +192,17 @@ def test_unsafe_pickle_checkpoint_is_refused(tmp_path: Path) -> None:
     torch.save({"model": {"w": torch.zeros(1)}, "payload": object()}, evil)  # not loadable with weights_only
     fails("train-teacher", "--model", TEACHER, "--checkpoint", evil, "--epochs", 1, "--out", tmp_path / "t", *FAST,
           match="cannot read checkpoint")
+
+
+def test_nan_from_the_teacher_names_the_sample(tmp_path: Path) -> None:
+    import torch
+
+    from kdcache.models import create_model, save_checkpoint
+
+    model = create_model(TEACHER, num_classes=10, img_size=32)
+    with torch.no_grad():
+        model.get_classifier().bias[3] = float("nan")
+    ckpt = tmp_path / "nan.pt"
+    save_checkpoint(model, ckpt, {})
+    fails("dump-teacher", "--teacher", TEACHER, "--checkpoint", ckpt, "--views", 1, "--img-size", 32, "--device",
+          "cpu", "--workers", 0, "--out", tmp_path / "nan.h5", match="NaN or Inf for digits image 0 view 0")

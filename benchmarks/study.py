@@ -1,0 +1,261 @@
+"""The paper's ten-run protocol on real data, cached-vs-online parity, views and compression sweeps.
+
+    python benchmarks/study.py benchmarks/study_cifar.json
+    python benchmarks/study.py benchmarks/study_imagenette.json
+
+One JSON config describes a whole study (see the two shipped configs). The
+script prepares the data (extracts ../shared/data archives to a cache folder
+and links a class-balanced subset), trains the teacher, dumps the cache once,
+then trains every student plain and with cached KD under the same seeds and
+schedule, and runs the parity, noise, views and compression experiments. Each
+run's ``metrics.json`` is its record: a run that has one is skipped, so an
+interrupted study resumes where it stopped.
+
+Writes OUT/report.md, OUT/results.json and PNG plots (OUT is the config's
+"out", default benchmarks/results/study-NAME).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+from kdcache.config import CropRanges, DumpConfig, OptimOptions, RunOptions, TrainConfig
+from kdcache.data import open_dataset
+from kdcache.report import RichProgress
+from kdcache.teacher import dump
+from kdcache.train import fit
+
+sys.path.insert(0, str(Path(__file__).parent))
+from make_subset import link_split  # noqa: E402
+from throughput import flops_per_image  # noqa: E402
+
+
+def prepare_data(cfg: dict, cache_dir: Path) -> str:
+    """Extract the archive once and link the class-balanced subset the config asks for."""
+    archive = Path(cfg["archive"]).expanduser()
+    if not archive.is_absolute():
+        archive = (Path(__file__).resolve().parents[1] / archive).resolve()
+    root = cache_dir / cfg["extracted"]
+    if not root.exists():
+        print(f"extracting {archive} to {cache_dir} ...", file=sys.stderr)
+        with tarfile.open(archive) as tar:
+            tar.extractall(cache_dir, filter="data")
+    subset = cache_dir / f"{cfg['extracted']}-{cfg['train_per_class']}-{cfg.get('test_per_class') or 'all'}"
+    if not (subset / "test").exists():
+        test_name = "test" if (root / "test").is_dir() else "val"
+        link_split(root / "train", subset / "train", cfg["train_per_class"])
+        link_split(root / test_name, subset / "test", cfg.get("test_per_class"))
+    return str(subset)
+
+
+def metrics_of(out: Path) -> dict | None:
+    path = out / "metrics.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config")
+    parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "kdcache-data"))
+    parser.add_argument("--only", choices=["table", "parity", "noise", "views", "stores"], nargs="*",
+                        help="run only these parts (default: all)")
+    args = parser.parse_args()
+    cfg = json.loads(Path(args.config).read_text())
+    cfg["config_path"] = args.config
+    name = cfg["name"]
+    out = Path(cfg.get("out", f"benchmarks/results/study-{name}"))
+    runs_dir = Path(cfg.get("runs", f"runs/study-{name}"))
+    parts = set(args.only or ["table", "parity", "noise", "views", "stores"])
+    data = prepare_data(cfg["data"], Path(args.cache_dir))
+    progress = RichProgress()
+    crops = CropRanges(scale=tuple(cfg["crop_scale"]), hflip=cfg.get("hflip", 0.5))
+    optim = OptimOptions(**cfg["optim"])
+    base_run = RunOptions(data=data, img_size=cfg["img_size"], batch_size=cfg["batch_size"], seed=0)
+    records: dict[str, dict] = {}
+
+    def train(key: str, model: str, seed: int = 0, **mode) -> dict:
+        target = runs_dir / key
+        done = metrics_of(target)
+        if done is None:
+            print(f"== {key}", file=sys.stderr)
+            config = TrainConfig(model=model, out=str(target), run=RunOptions(**{**base_run.__dict__, "seed": seed}),
+                                 optim=optim, epochs=cfg["epochs"], crops=crops, alpha=cfg["alpha"],
+                                 temperature=cfg["temperature"], **mode)
+            done = fit(config, progress)
+        records[key] = done
+        return done
+
+    def cache(views: int, store: str = "fp16") -> str:
+        path = runs_dir / f"teacher-K{views}-{store.replace(':', '')}.h5"
+        if not path.exists():
+            print(f"== dump K={views} {store}", file=sys.stderr)
+            result = dump(DumpConfig(teacher=cfg["teacher"], checkpoint=str(teacher_ckpt), out=str(path),
+                                     views=views, store=store, crops=crops, run=base_run), progress)
+            (path.with_suffix(".dump.json")).write_text(json.dumps(result, indent=2) + "\n")
+        return str(path)
+
+    # The teacher, trained once (plain), then the study's main cache.
+    teacher_out = runs_dir / "teacher"
+    teacher = metrics_of(teacher_out)
+    if teacher is None:
+        print("== teacher", file=sys.stderr)
+        teacher = fit(TrainConfig(model=cfg["teacher"], out=str(teacher_out), run=base_run, optim=optim,
+                                  epochs=cfg["teacher_epochs"], crops=crops, pretrained=False), progress)
+    teacher_ckpt = teacher["checkpoint"]
+    views = cfg["views"]
+    main_cache = cache(views)
+    online = {"online_teacher": cfg["teacher"], "teacher_checkpoint": teacher_ckpt}
+
+    if "table" in parts:
+        for s in cfg["students"]:
+            train(f"{s}-plain", s)
+            train(f"{s}-cached", s, cached=main_cache)
+    if "parity" in parts:
+        for s in cfg["parity_students"]:
+            train(f"{s}-cached", s, cached=main_cache)
+            train(f"{s}-online", s, **online)
+    if "noise" in parts:
+        s = cfg["noise_student"]
+        for seed in [0, *cfg["noise_seeds"]]:
+            suffix = "" if seed == 0 else f"-seed{seed}"
+            train(f"{s}-plain{suffix}", s, seed=seed)
+            train(f"{s}-cached{suffix}", s, seed=seed, cached=main_cache)
+            train(f"{s}-online{suffix}", s, seed=seed, **online)
+    if "views" in parts:
+        s = cfg["sweep_student"]
+        for k in cfg["views_sweep"]:
+            train(f"{s}-cached" if k == views else f"{s}-cached-K{k}", s, cached=cache(k))
+        train(f"{s}-online", s, **online)
+    if "stores" in parts:
+        s = cfg["sweep_student"]
+        for store in cfg["stores"]:
+            train(f"{s}-cached-{store.replace(':', '')}", s, cached=cache(views, store))
+
+    classes = open_dataset(data, "train").num_classes
+    write_report(cfg, out, teacher, records, runs_dir, main_cache, classes)
+
+
+def _flops(name: str, classes: int, size: int) -> tuple[float, float]:
+    try:
+        return flops_per_image(name, classes, size)
+    except Exception:  # a model the FLOP counter cannot trace: leave it blank
+        return float("nan"), float("nan")
+
+
+def write_report(cfg: dict, out: Path, teacher: dict, records: dict, runs_dir: Path, main_cache: str,
+                 classes: int) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [f"# Study: {cfg['name']}", "",
+             f"Command: `python benchmarks/study.py {cfg['config_path']}`", "",
+             f"Data: {cfg['data']['description']}; {cfg['img_size']} px; {cfg['epochs']} student epochs; "
+             f"K = {cfg['views']} cached views; optimizer {cfg['optim']}; alpha {cfg['alpha']}, T {cfg['temperature']}; "
+             f"crop scale {cfg['crop_scale']}.", "",
+             f"Teacher {cfg['teacher']}: top-1 {teacher['top1']:.2f} %, mAP {teacher['mAP']:.2f} % "
+             f"({cfg['teacher_epochs']} epochs).", ""]
+    table = []
+    if all(f"{s}-plain" in records and f"{s}-cached" in records for s in cfg["students"]):
+        lines += ["## Table I: plain vs cached KD", "",
+                  "| network | params (M) | GFLOPs | top-1 plain | top-1 KD | gain | mAP plain | mAP KD | gain |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for s in cfg["students"]:
+            p, k = records[f"{s}-plain"], records[f"{s}-cached"]
+            params, gflops = _flops(s, classes, cfg["img_size"])
+            table.append({"network": s, "params_m": params, "gflops": gflops, "plain": p, "kd": k})
+            lines.append(f"| {s} | {params:.1f} | {gflops:.3f} | {p['top1']:.2f} | {k['top1']:.2f} | "
+                         f"{k['top1'] - p['top1']:+.2f} | {p['mAP']:.2f} | {k['mAP']:.2f} | {k['mAP'] - p['mAP']:+.2f} |")
+    parity = [s for s in cfg["parity_students"] if f"{s}-online" in records]
+    if parity:
+        lines += ["", "## Parity: cached vs online KD (same seeds, crops and batches)", "",
+                  "| student | top-1 cached | top-1 online | diff | mAP cached | mAP online | diff | img/s cached | img/s online |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for s in parity:
+            c, o = records[f"{s}-cached"], records[f"{s}-online"]
+            lines.append(f"| {s} | {c['top1']:.2f} | {o['top1']:.2f} | {c['top1'] - o['top1']:+.2f} | {c['mAP']:.2f} | "
+                         f"{o['mAP']:.2f} | {c['mAP'] - o['mAP']:+.2f} | {c['images_per_second']:.0f} | "
+                         f"{o['images_per_second']:.0f} |")
+    s = cfg["noise_student"]
+    seeds = [0, *cfg["noise_seeds"]]
+    noise = {}
+    if all(f"{s}-{m}{'' if sd == 0 else f'-seed{sd}'}" in records for m in ("plain", "cached", "online") for sd in seeds):
+        lines += ["", f"## Run-to-run noise ({s}, seeds {seeds})", "",
+                  "| mode | top-1 per seed | mean | std | mAP mean | mAP std |", "|---|---|---:|---:|---:|---:|"]
+        for m in ("plain", "cached", "online"):
+            rs = [records[f"{s}-{m}{'' if sd == 0 else f'-seed{sd}'}"] for sd in seeds]
+            t1, ap = [r["top1"] for r in rs], [r["mAP"] for r in rs]
+            noise[m] = {"top1": t1, "mAP": ap}
+            lines.append(f"| {m} | {', '.join(f'{v:.2f}' for v in t1)} | {statistics.mean(t1):.2f} | "
+                         f"{statistics.stdev(t1):.2f} | {statistics.mean(ap):.2f} | {statistics.stdev(ap):.2f} |")
+    s = cfg["sweep_student"]
+    sweep = []
+    for k in cfg["views_sweep"]:
+        key = f"{s}-cached" if k == cfg["views"] else f"{s}-cached-K{k}"
+        if key in records:
+            sweep.append({"views": k, "top1": records[key]["top1"], "mAP": records[key]["mAP"]})
+    if sweep:
+        lines += ["", f"## How many cached views? ({s}, {cfg['epochs']} epochs; epoch e uses view e mod K)", "",
+                  "| K | top-1 | mAP |", "|---:|---:|---:|"]
+        lines += [f"| {r['views']} | {r['top1']:.2f} | {r['mAP']:.2f} |" for r in sweep]
+        if f"{s}-online" in records:
+            o = records[f"{s}-online"]
+            lines.append(f"| online (fresh crops every epoch) | {o['top1']:.2f} | {o['mAP']:.2f} |")
+    stores = []
+    for store in ["fp16", *cfg["stores"]]:
+        key = f"{s}-cached" if store == "fp16" else f"{s}-cached-{store.replace(':', '')}"
+        path = Path(main_cache) if store == "fp16" else runs_dir / f"teacher-K{cfg['views']}-{store.replace(':', '')}.h5"
+        if key in records and path.exists():
+            stores.append({"store": store, "top1": records[key]["top1"], "mAP": records[key]["mAP"],
+                           "file_mib": path.stat().st_size / 2**20})
+    if stores:
+        lines += ["", f"## Compression ({s}, K = {cfg['views']})", "", "| store | top-1 | mAP | cache size |",
+                  "|---|---:|---:|---:|"]
+        lines += [f"| {r['store']} | {r['top1']:.2f} | {r['mAP']:.2f} | {r['file_mib']:.2f} MiB |" for r in stores]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    (out / "results.json").write_text(json.dumps({"config": cfg, "teacher": teacher, "table": table, "noise": noise,
+                                                  "views_sweep": sweep, "stores": stores, "runs": records},
+                                                 indent=2) + "\n")
+    plot(cfg, out, table, sweep, records)
+    print((out / "report.md").read_text())
+
+
+def plot(cfg: dict, out: Path, table: list, sweep: list, records: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if table:
+        fig, ax = plt.subplots(figsize=(7, 3.4), dpi=120)
+        xs = range(len(table))
+        ax.bar([x - 0.2 for x in xs], [r["plain"]["top1"] for r in table], 0.4, label="plain", color="#888888")
+        ax.bar([x + 0.2 for x in xs], [r["kd"]["top1"] for r in table], 0.4, label="cached KD", color="#2a7ab9")
+        ax.set_xticks(list(xs), [r["network"] for r in table], rotation=15, fontsize=8)
+        ax.set_ylabel("top-1 %")
+        ax.set_title(f"{cfg['name']}: plain vs cached KD")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "accuracy_per_student.png")
+    if sweep:
+        fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
+        ax.plot([r["views"] for r in sweep], [r["top1"] for r in sweep], "o-", label="cached KD")
+        online = records.get(f"{cfg['sweep_student']}-online")
+        if online:
+            ax.axhline(online["top1"], color="#d9822b", ls="--", label="online KD")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("cached views per image (K)")
+        ax.set_ylabel("top-1 %")
+        ax.set_title(f"{cfg['sweep_student']}, {cfg['epochs']} epochs")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "accuracy_vs_views.png")
+
+
+if __name__ == "__main__":
+    t0 = time.time()
+    main()
+    print(f"study took {time.time() - t0:.0f} s", file=sys.stderr)
