@@ -5,7 +5,7 @@
 CACHE is a dump with full logits (fp32 or fp16); its real teacher logits give
 the C-class figures. A 1000-class head is measured on synthetic logits (no
 1000-class teacher weights can be downloaded here): per record, Gaussian
-logits with standard deviation 2 plus a margin of 8 on one class, which gives
+logits with standard deviation 2 plus a margin of 10 on one class, which gives
 a confident, ImageNet-like teacher; the script prints the resulting mean
 confidence and entropy so the reader can judge the choice.
 
@@ -78,7 +78,7 @@ def main() -> None:
     real = measure(logits, info, args.temperature)
 
     synthetic_logits = rng.normal(0, 2.0, size=(20_000, 1000)).astype(np.float32)
-    synthetic_logits[np.arange(20_000), rng.integers(0, 1000, 20_000)] += 8.0
+    synthetic_logits[np.arange(20_000), rng.integers(0, 1000, 20_000)] += 10.0
     p = softmax(synthetic_logits, 1.0)
     synthetic = measure(synthetic_logits, info, args.temperature)
     synthetic_stats = {"confidence": float(p.max(-1).mean()),
