@@ -46,15 +46,16 @@ def _pick(cls: type, kwargs: dict) -> dict:
     return {k: kwargs.pop(k) for k in list(kwargs) if k in names}
 
 
-def run_options(default_batch: int = 64) -> Callable:
+def run_options(default_batch: int = 64, batch_help: str = "Images per optimizer step.",
+                img_help: str = "Input size in pixels. [default: the cache's size in cached mode, else 224]") -> Callable:
     def decorate(f: Callable) -> Callable:
         for option in reversed([
             click.option("--data", default="digits", show_default=True,
                          help="'digits' (built in), an ImageFolder root with train/ and test/ (or val/), "
                               "or a Stanford 40 Actions root (has ImageSplits/)."),
-            click.option("--img-size", type=click.IntRange(8, 2048), default=None,
-                         help="Input size in pixels. [default: the cache's size in cached mode, else 224]"),
-            click.option("--batch-size", type=click.IntRange(1), default=default_batch, show_default=True),
+            click.option("--img-size", type=click.IntRange(8, 2048), default=None, help=img_help),
+            click.option("--batch-size", type=click.IntRange(1), default=default_batch, show_default=True,
+                         help=batch_help),
             click.option("--workers", type=click.IntRange(0), default=default_workers(), show_default=True,
                          help="DataLoader worker processes for decoding (0: decode in the main process). "
                               "Default: half the CPU cores, at most 8; 0 on 2 cores or fewer."),
@@ -159,7 +160,7 @@ def _train_command(kwargs: dict, out: str, mode_title: str, **extra: Any) -> Non
 @click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
               help="Start from local weights (.pt/.pth via weights_only, or .safetensors); a head of another "
                    "size is replaced.")
-@run_options()
+@run_options(img_help="Input size in pixels. [default: 224]")
 @optim_options
 @crop_options
 def train_teacher(out: str, **kwargs: Any) -> None:
@@ -185,7 +186,8 @@ def train_teacher(out: str, **kwargs: Any) -> None:
 @click.option("--store", default="fp16", show_default=True, help="Logit storage: fp16, fp32 or topk:K.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="The cache file to write (.h5).")
 @click.option("--force", is_flag=True, help="Overwrite an existing complete cache.")
-@run_options(default_batch=256)
+@run_options(default_batch=256, batch_help="Crops per teacher forward pass (images x views).",
+             img_help="Input size in pixels. [default: 224]")
 @crop_options
 def dump_teacher(teacher: str, checkpoint: str | None, pretrained: bool, views: int, store: str, out: str,
                  force: bool, **kwargs: Any) -> None:
@@ -194,7 +196,11 @@ def dump_teacher(teacher: str, checkpoint: str | None, pretrained: bool, views: 
     The crop of (seed, sample id, view) is stored with the teacher's logits, so
     students replay it exactly. An interrupted dump resumes when the same
     command runs again; the file appears under its name only when complete.
-    --batch-size counts crops per teacher forward pass.
+
+    \b
+    Example:
+      kdcache dump-teacher --data cifar10-jpg --teacher convnext_atto --checkpoint runs/teacher/model.pt \\
+          --views 10 --img-size 32 --out cache.h5
     """
     from .teacher import dump
 
@@ -238,6 +244,12 @@ def train_student(out: str, **kwargs: Any) -> None:
     The three modes share one loop and one loss; only where the teacher
     logits come from differs. Without --cached or --online-teacher the
     student trains on labels alone.
+
+    \b
+    Examples:
+      kdcache train-student --data cifar10-jpg --model pvt_v2_b0 --epochs 10 --cached cache.h5 --out runs/kd
+      kdcache train-student --data cifar10-jpg --model pvt_v2_b0 --epochs 10 --img-size 32 \\
+          --online-teacher convnext_atto --teacher-checkpoint runs/teacher/model.pt --out runs/online
     """
     if kwargs["cached"] and kwargs["online_teacher"]:
         raise click.UsageError("--cached and --online-teacher are two teacher sources; choose one")
