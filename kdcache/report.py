@@ -77,10 +77,16 @@ class RichProgress(Progress):
 
 
 def table(title: str, columns: list[str], rows: Iterable[Iterable[Any]]) -> Table:
-    """A rich table; floats are shown with two decimals."""
+    """A rich table; floats get two decimals, or three significant digits when tiny."""
     t = Table(title=title)
     for c in columns:
         t.add_column(c, justify="left" if c == columns[0] else "right")
     for row in rows:
-        t.add_row(*(f"{v:,.2f}" if isinstance(v, float) else str(v) for v in row))
+        t.add_row(*(_cell(v) for v in row))
     return t
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if v != 0 and abs(v) < 0.01 else f"{v:,.2f}"
+    return str(v)
