@@ -251,9 +251,15 @@ class CacheWriter:
         if self.path.exists() and not force:
             raise CacheError(f"{self.path} already exists; pass --force to overwrite it")
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.h5 = None
         if self.partial.exists():
-            self.h5 = self._resume()
-        else:
+            try:
+                self.h5 = self._resume()
+            except CacheError:
+                if not force:
+                    raise
+                self.partial.unlink()  # --force: a partial dump of other settings is discarded
+        if self.h5 is None:
             self.h5 = self._create(sample_ids, labels, content_hashes)
         # Dataset handles stay open for the whole dump: h5py writes chunks back when a handle is
         # released and ignores errors there, so a temporary handle per write could lose data on a
@@ -299,19 +305,24 @@ class CacheWriter:
         return h5
 
     def _resume(self) -> h5py.File:
-        h5 = _open_h5(self.partial, "r+")
+        try:
+            h5 = _open_h5(self.partial, "r+")
+        except CacheError:
+            raise CacheError(f"{self.partial} is not a readable partial dump; delete it (or pass --force) to start "
+                             "over") from None
         try:
             found = _info_from_attrs(h5.attrs, self.partial).settings()
         except CacheError:
             h5.close()
-            raise CacheError(f"{self.partial} is not a resumable kdcache dump; delete it to start over") from None
+            raise CacheError(f"{self.partial} is not a resumable kdcache dump; delete it (or pass --force) to start "
+                             "over") from None
         wanted = self.info.settings()
         diff = [k for k in wanted if found.get(k) != wanted[k]]
         if diff:
             h5.close()
             detail = ", ".join(f"{k}: {found.get(k)!r} in the file, {wanted[k]!r} now" for k in diff[:3])
             raise CacheError(f"{self.partial} was started with different settings ({detail}); "
-                             "re-run the original command to resume it, or delete the file to start over")
+                             "re-run the original command to resume it, or pass --force to start over")
         _check_layout(h5, self.info, self.partial)
         return h5
 

@@ -185,7 +185,8 @@ def train_teacher(out: str, **kwargs: Any) -> None:
               help="Seeded crops per image (a student epoch e uses view e mod K).")
 @click.option("--store", default="fp16", show_default=True, help="Logit storage: fp16, fp32 or topk:K.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="The cache file to write (.h5).")
-@click.option("--force", is_flag=True, help="Overwrite an existing complete cache.")
+@click.option("--force", is_flag=True,
+              help="Overwrite an existing cache, and discard a partial dump made with other settings.")
 @run_options(default_batch=256, batch_help="Crops per teacher forward pass (images x views).",
              img_help="Input size in pixels. [default: 224]")
 @crop_options

@@ -125,7 +125,7 @@ class DumpConfig:
     views: int = 15  # one view per student epoch of the paper's 15-epoch schedule
     crops: CropRanges = field(default_factory=CropRanges)
     store: str = "fp16"  # half the bytes of fp32; logits lose < 1e-3 relative
-    force: bool = False  # overwrite an existing complete cache
+    force: bool = False  # overwrite a complete cache; discard a partial one of other settings
 
 
 def to_dict(config: Any) -> dict[str, Any]:

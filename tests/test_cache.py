@@ -43,10 +43,11 @@ def write_cache(path: Path, store: str = "fp32", rows: slice = slice(None), fini
     return path
 
 
+@pytest.mark.parametrize("preload", [True, False])
 @pytest.mark.parametrize("store", ["fp32", "fp16", "topk:3", f"topk:{C}"])
-def test_round_trip_every_store(tmp_path: Path, store: str) -> None:
+def test_round_trip_every_store(tmp_path: Path, store: str, preload: bool) -> None:
     crops, flips, logits = fake_records()
-    reader = CacheReader(write_cache(tmp_path / "c.h5", store))
+    reader = CacheReader(write_cache(tmp_path / "c.h5", store), preload=preload)
     rows = np.array([4, 0, 22, 4])
     for view in range(K):
         got_crops, got_flips, got = reader.read(rows, view)
@@ -124,6 +125,13 @@ def test_resume_continues_and_refuses_other_settings(tmp_path: Path) -> None:
         write_cache(path, seed=5)
     w = CacheWriter(path, info(), np.arange(N) * 7, np.arange(N) % C, np.arange(N, dtype=np.uint64))
     assert w.resumed_rows == 10 and list(w.pending_rows()) == list(range(10, N))
+    w.close()
+    w = CacheWriter(path, info(seed=5), np.arange(N) * 7, np.arange(N) % C, np.arange(N, dtype=np.uint64), force=True)
+    assert w.resumed_rows == 0  # --force discards a partial dump of other settings
+    w.close()
+    path.with_name("c.h5.partial").unlink()
+    write_cache(path, rows=slice(0, 10), finish=False)
+    w = CacheWriter(path, info(), np.arange(N) * 7, np.arange(N) % C, np.arange(N, dtype=np.uint64))
     w.close()
     write_cache(path)  # finishes the remaining rows
     crops, flips, logits = fake_records()
