@@ -44,10 +44,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(processes: int, args: list[str]) -> None:
+def _launch(processes: int, threads: int | None, args: list[str]) -> None:
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
                "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), __file__, "worker", *args]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
 
 
@@ -117,6 +119,12 @@ def main() -> None:
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--views-per-step", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=2, help="runs per setting; the median is reported")
+    parser.add_argument("--single-thread-baseline", action="store_true",
+                        help="also run 1 process with 1 thread (as each of N > 1 processes has)")
+    parser.add_argument("--control-batch", action="store_true",
+                        help="also train with --views-per-step 1 at batch-size x max(M): as many crops per step as "
+                             "M views, each from its own image, to separate decode savings from a bigger step")
+    parser.add_argument("--note", default="", help="a line about the conditions, written into OUT.md")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scaling"))
     args = parser.parse_args()
 
@@ -124,52 +132,70 @@ def main() -> None:
     from throughput import machine
 
     common = ["--data", args.data, "--img-size", str(args.img_size)]
+    # (processes, threads per process): None is torch's default (all cores) for one process, and torchrun's 1 for more.
+    settings = [(n, None) for n in args.processes]
+    if args.single_thread_baseline and 1 in args.processes:
+        settings.insert(args.processes.index(1) + 1, (1, 1))
     results: dict = {"machine": machine(), "settings": vars(args), "dump": [], "train": []}
+
+    def label(n: int, threads: int | None) -> str:
+        return f"{n}" + (f" ({threads} thread)" if threads else "")
+
     with tempfile.TemporaryDirectory(prefix="kdcache-scaling-") as tmp:
         tmp = Path(tmp)
         caches = {}
-        for n in args.processes:
+        for n, threads in settings:
             runs = []
             for rep in range(args.repeats):
-                cache, res = tmp / f"dump{n}.h5", tmp / f"dump{n}-{rep}.json"
-                _launch(n, ["dump", *common, "--model", args.teacher, "--batch-size", str(args.dump_batch_size),
-                            "--views", str(args.views), "--cache", str(cache), "--out", str(tmp),
-                            "--result", str(res)] + (["--checkpoint", args.teacher_checkpoint]
-                                                     if args.teacher_checkpoint else []))
+                cache, res = tmp / f"dump{n}-{threads}.h5", tmp / f"dump{n}-{threads}-{rep}.json"
+                _launch(n, threads, ["dump", *common, "--model", args.teacher, "--batch-size",
+                                     str(args.dump_batch_size), "--views", str(args.views), "--cache", str(cache),
+                                     "--out", str(tmp), "--result", str(res)]
+                        + (["--checkpoint", args.teacher_checkpoint] if args.teacher_checkpoint else []))
                 runs.append(json.loads(res.read_text())["records_per_second"])
-            caches[n] = str(cache)
-            results["dump"].append({"processes": n, "records_per_s": statistics.median(runs), "runs": runs})
-            print(f"dump {n} process(es): {statistics.median(runs):,.0f} records/s", flush=True)
-        base = caches[args.processes[0]]
-        for n in args.processes[1:]:
-            results[f"dump_{n}_vs_{args.processes[0]}"] = compare_caches(caches[n], base)
-        for n in args.processes:
-            for m in args.views_per_step:
+            caches[(n, threads)] = str(cache)
+            results["dump"].append({"processes": n, "threads": threads, "records_per_s": statistics.median(runs),
+                                    "runs": runs})
+            print(f"dump {label(n, threads)}: {statistics.median(runs):,.0f} records/s", flush=True)
+        base = caches[settings[0]]
+        for key in settings[1:]:
+            results[f"dump_{label(*key)}_vs_{label(*settings[0])}"] = compare_caches(caches[key], base)
+        trains = [(m, args.batch_size) for m in args.views_per_step]
+        if args.control_batch:
+            trains.append((1, args.batch_size * max(args.views_per_step)))
+        for n, threads in settings:
+            for m, batch in trains:
                 runs, decoded = [], []
                 for rep in range(args.repeats):
-                    res = tmp / f"train{n}-{m}-{rep}.json"
-                    _launch(n, ["train", *common, "--model", args.student, "--batch-size", str(args.batch_size),
-                                "--epochs", str(args.epochs), "--views-per-step", str(m), "--cache", base,
-                                "--out", str(tmp / f"run{n}-{m}"), "--result", str(res)])
+                    res = tmp / f"train{n}-{threads}-{m}-{batch}-{rep}.json"
+                    _launch(n, threads, ["train", *common, "--model", args.student, "--batch-size", str(batch),
+                                         "--epochs", str(args.epochs), "--views-per-step", str(m), "--cache", base,
+                                         "--out", str(tmp / f"run{n}-{m}"), "--result", str(res)])
                     rate = json.loads(res.read_text())["steady_images_per_second"]
                     runs.append(rate)
                     decoded.append(rate / m)
-                row = {"processes": n, "views_per_step": m, "images_per_s": statistics.median(runs),
-                       "decoded_per_s": statistics.median(decoded), "runs": runs}
+                row = {"processes": n, "threads": threads, "views_per_step": m, "batch_size": batch,
+                       "images_per_s": statistics.median(runs), "decoded_per_s": statistics.median(decoded),
+                       "runs": runs}
                 results["train"].append(row)
-                print(f"train {n} process(es), --views-per-step {m}: {row['images_per_s']:,.0f} crops/s, "
-                      f"{row['decoded_per_s']:,.0f} decoded images/s", flush=True)
+                print(f"train {label(n, threads)}, batch {batch}, --views-per-step {m}: {row['images_per_s']:,.0f} "
+                      f"crops/s, {row['decoded_per_s']:,.0f} decoded images/s", flush=True)
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
     lines = [f"# Scaling on {results['machine']['cpu']} ({results['machine']['cores']} threads)", "",
              f"Data {args.data}, {args.img_size} px; teacher {args.teacher} ({args.views} views, fp32), "
-             f"student {args.student}, global batch {args.batch_size}; median of {args.repeats} runs.", "",
-             "| phase | processes | views/step | crops/s | decoded images/s |", "|---|---|---|---|---|"]
-    lines += [f"| dump | {d['processes']} | - | {d['records_per_s']:,.0f} | - |" for d in results["dump"]]
-    lines += [f"| train (cached) | {t['processes']} | {t['views_per_step']} | {t['images_per_s']:,.0f} | "
-              f"{t['decoded_per_s']:,.0f} |" for t in results["train"]]
+             f"student {args.student}, global batch {args.batch_size}; median of {args.repeats} runs.",
+             *([args.note] if args.note else []), "",
+             "| phase | processes | batch (images) | views/step | crops/s | decoded images/s |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| dump | {label(d['processes'], d['threads'])} | {args.dump_batch_size // args.views} | "
+              f"{args.views} | {d['records_per_s']:,.0f} | {d['records_per_s'] / args.views:,.0f} |"
+              for d in results["dump"]]
+    lines += [f"| train (cached) | {label(t['processes'], t['threads'])} | {t['batch_size']} | "
+              f"{t['views_per_step']} | {t['images_per_s']:,.0f} | {t['decoded_per_s']:,.0f} |"
+              for t in results["train"]]
     for key in (k for k in results if k.startswith("dump_") and "_vs_" in k):
         c = results[key]
         lines += ["", f"{key}: crops/flips/ids bit-equal {all(c['bit_equal'].values())}; logits bit-equal "

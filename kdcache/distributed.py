@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Mapping
@@ -102,6 +103,10 @@ class Dist:
             return model
         from torch.nn.parallel import DistributedDataParallel
 
+        # Depthwise convolutions (ConvNeXt, PVT) get gradients in another stride order than the flat bucket
+        # on CPU; DDP copies them and warns on every rank. Known and harmless (timm issue #2147).
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides",
+                                category=UserWarning)
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
