@@ -88,6 +88,44 @@ def worker(argv: list[str]) -> None:
         Path(a.result).write_text(json.dumps(result, indent=2))
 
 
+def data_path_rates(data: str, cache: str, batch: int, per_step: list[int], repeats: int) -> list[dict]:
+    """Crops/s of the training data path alone (decode, replayed crops, cached targets), no model.
+
+    This is where ``--views-per-step`` saves: decoding is paid once per M crops.
+    """
+    import time
+
+    import numpy as np
+
+    from kdcache.cache import CacheReader
+    from kdcache.data import open_dataset
+    from kdcache.loaders import EpochOrder, TrainViews
+    from kdcache.targets import CachedViews, preprocess_of_cache
+
+    reader = CacheReader(cache, preload=False)
+    train = open_dataset(data, "train")
+    rows = [int(i) for i in EpochOrder(len(train), 0)]
+    out = []
+    for m in per_step:
+        views = TrainViews(train, CachedViews(reader), preprocess_of_cache(reader), views_per_step=m)
+        rates = []
+        for _ in range(repeats):
+            start, crops = time.perf_counter(), 0
+            for i in range(0, len(rows) - batch + 1, batch):
+                crops += len(views.__getitems__(rows[i:i + batch])["images"])
+            rates.append(crops / (time.perf_counter() - start))
+        decode = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for i in rows:
+                train.load(i)
+            decode.append(len(rows) / (time.perf_counter() - start))
+        out.append({"views_per_step": m, "batch_size": batch, "crops_per_s": statistics.median(rates),
+                    "decoded_per_s": statistics.median(rates) / m, "runs": rates,
+                    "decode_only_images_per_s": float(np.median(decode))})
+    return out
+
+
 def compare_caches(a: str, b: str) -> dict:
     import h5py
     import numpy as np
@@ -160,6 +198,10 @@ def main() -> None:
         base = caches[settings[0]]
         for key in settings[1:]:
             results[f"dump_{label(*key)}_vs_{label(*settings[0])}"] = compare_caches(caches[key], base)
+        results["data_path"] = data_path_rates(args.data, base, args.batch_size, args.views_per_step, args.repeats)
+        for row in results["data_path"]:
+            print(f"data path, --views-per-step {row['views_per_step']}: {row['crops_per_s']:,.0f} crops/s "
+                  f"(decoding alone: {row['decode_only_images_per_s']:,.0f} images/s)", flush=True)
         trains = [(m, args.batch_size) for m in args.views_per_step]
         if args.control_batch:
             trains.append((1, args.batch_size * max(args.views_per_step)))
@@ -196,6 +238,10 @@ def main() -> None:
     lines += [f"| train (cached) | {label(t['processes'], t['threads'])} | {t['batch_size']} | "
               f"{t['views_per_step']} | {t['images_per_s']:,.0f} | {t['decoded_per_s']:,.0f} |"
               for t in results["train"]]
+    lines += ["", "Data path alone (decode, replayed crops, cached targets read from the file; no model), 1 process:",
+              "", "| views/step | crops/s | decoded images/s | decoding alone, images/s |", "|---|---|---|---|"]
+    lines += [f"| {r['views_per_step']} | {r['crops_per_s']:,.0f} | {r['decoded_per_s']:,.0f} | "
+              f"{r['decode_only_images_per_s']:,.0f} |" for r in results["data_path"]]
     for key in (k for k in results if k.startswith("dump_") and "_vs_" in k):
         c = results[key]
         lines += ["", f"{key}: crops/flips/ids bit-equal {all(c['bit_equal'].values())}; logits bit-equal "
