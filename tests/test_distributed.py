@@ -217,5 +217,5 @@ def test_two_process_training_takes_the_one_process_steps(tmp_path: Path, one_pr
     assert [h["steps"] for h in two] == [h["steps"] for h in one] == [1348 // 64] * 2
     assert [h["view"] for h in two] == [h["view"] for h in one] == [0, 1]
     # The same batches and averaged gradients: the same training, up to float rounding.
-    np.testing.assert_allclose([h["loss"] for h in two], [h["loss"] for h in one], rtol=1e-3)
-    assert abs(metrics["top1"] - one_metrics["top1"]) <= 1.0
+    np.testing.assert_allclose([h["loss"] for h in two], [h["loss"] for h in one], rtol=1e-4)
+    assert abs(metrics["top1"] - one_metrics["top1"]) <= 0.5
