@@ -45,6 +45,21 @@ Root attributes
 
 A dump writes ``OUT.partial`` and renames it to ``OUT`` when complete. The file
 holds no pickled objects.
+
+Part files (a dump by several processes under torchrun)
+-------------------------------------------------------
+Rank ``r`` of ``W`` processes dumps the rows ``row % W == r`` into its own part
+file ``OUT.rank{r}-of-{W}`` (written as ``OUT.rank{r}-of-{W}.partial``,
+resumable exactly like ``OUT.partial``). A part is a cache of this format over
+those rows, in order: ``num_samples`` is its row count, every other attribute
+is the whole dump's (``dataset_fingerprint`` included), and two root
+attributes are added: ``part_rank`` (int, r) and ``part_world_size`` (int, W).
+When all W parts are complete, rank 0 copies their stored values, bit for bit
+and in row order, into ``OUT.partial`` (an ordinary resumable cache over all N
+rows, without the part attributes), renames it to ``OUT`` and then deletes the
+parts. ``OUT`` is therefore the same file a single process writes: equal ids,
+labels, crops and flips, and logits equal up to the float rounding of a
+different batch composition (see :mod:`kdcache.parts`).
 """
 
 from __future__ import annotations
@@ -192,6 +207,15 @@ def expand_logits(arrays: dict[str, np.ndarray], num_classes: int) -> np.ndarray
     return out
 
 
+def plain_attr(value: object) -> object:
+    """An HDF5 attribute value as a plain Python value."""
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, (np.ndarray, np.generic)):
+        return value.tolist()
+    return value
+
+
 def _info_from_attrs(attrs: h5py.AttributeManager, path: Path) -> CacheInfo:
     values = {}
     for f in fields(CacheInfo):
@@ -244,10 +268,11 @@ class CacheWriter:
     """
 
     def __init__(self, path: str | Path, info: CacheInfo, sample_ids: np.ndarray, labels: np.ndarray,
-                 content_hashes: np.ndarray, force: bool = False) -> None:
+                 content_hashes: np.ndarray, force: bool = False, extra_attrs: dict | None = None) -> None:
         self.path = Path(path)
         self.partial = self.path.with_name(self.path.name + ".partial")
         self.info = info
+        self.extra_attrs = dict(extra_attrs or {})  # e.g. a part file's rank; checked on resume like the settings
         if self.path.exists() and not force:
             raise CacheError(f"{self.path} already exists; pass --force to overwrite it")
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -277,6 +302,8 @@ class CacheWriter:
             h5.attrs["library_versions"] = _library_versions()
             h5.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
             h5.attrs["complete"] = False
+            for key, value in self.extra_attrs.items():
+                h5.attrs[key] = value
             for name, (shape, dtype) in _layout(self.info).items():
                 per_row = max(1, int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize)
                 rows = max(1, min(shape[0], _CHUNK_BYTES // per_row))
@@ -317,6 +344,8 @@ class CacheWriter:
             raise CacheError(f"{self.partial} is not a resumable kdcache dump; delete it (or pass --force) to start "
                              "over") from None
         wanted = self.info.settings()
+        found.update({k: plain_attr(h5.attrs.get(k)) for k in self.extra_attrs})
+        wanted.update(self.extra_attrs)
         diff = [k for k in wanted if found.get(k) != wanted[k]]
         if diff:
             h5.close()
@@ -336,8 +365,15 @@ class CacheWriter:
 
     def write(self, rows: np.ndarray, crops: np.ndarray, flips: np.ndarray, logits: np.ndarray) -> None:
         """Store all K views of `rows` (increasing), then mark them done and flush."""
-        arrays = {"crops": crops.astype(np.float32), "flips": flips.astype(np.uint8),
-                  **compress_logits(logits, self.info.store)}
+        self.write_stored(rows, {"crops": crops.astype(np.float32), "flips": flips.astype(np.uint8),
+                                 **compress_logits(logits, self.info.store)})
+
+    def write_stored(self, rows: np.ndarray, arrays: dict[str, np.ndarray]) -> None:
+        """Store `rows` (increasing) from arrays already in the stored form (crops, flips, targets); mark them done.
+
+        Copying a part file into the merged cache goes through here, so its
+        stored values (fp16, top-k) are copied bit for bit, never re-encoded.
+        """
         lo, hi = int(rows[0]), int(rows[-1]) + 1
         contiguous = hi - lo == len(rows)
         where = slice(lo, hi) if contiguous else rows
@@ -466,6 +502,10 @@ class CacheReader:
         picked = {name: value[inverse][undo] for name, value in picked.items()}
         logits = expand_logits({k: picked[k] for k in self.target_names}, self.info.num_classes)
         return picked["crops"], picked["flips"].astype(bool), logits
+
+    def stored(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``[start, stop)`` of dataset `name` exactly as stored (to copy a cache bit for bit)."""
+        return self._file()[name][start:stop]
 
     def read_all_logits(self, view: int) -> np.ndarray:
         """Full float32 logits (N,C) of one view (for inspection and verification)."""

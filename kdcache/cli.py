@@ -109,10 +109,17 @@ def _crops(kwargs: dict) -> CropRanges:
         raise click.BadParameter(str(e)) from None
 
 
-def _progress():
-    from .report import RichProgress
+def _is_main() -> bool:
+    """False in torchrun's ranks other than 0: they print nothing and write no shared files."""
+    from .distributed import Dist
 
-    return RichProgress()
+    return Dist.from_env().is_main()
+
+
+def _progress():
+    from .report import Progress, RichProgress
+
+    return RichProgress() if _is_main() else Progress()
 
 
 def _print_result(title: str, result: dict, keys: list[str]) -> None:
@@ -145,11 +152,15 @@ def _train_command(kwargs: dict, out: str, mode_title: str, **extra: Any) -> Non
     run = RunOptions(**_pick(RunOptions, kwargs))
     optim = OptimOptions(**_pick(OptimOptions, kwargs))
     config = TrainConfig(run=run, optim=optim, crops=crops, out=out, **kwargs, **extra)
-    save_json(config, Path(out) / "config.json")
+    main_process = _is_main()
+    if main_process:
+        save_json(config, Path(out) / "config.json")
     result = fit(config, progress=_progress())
-    _print_result(f"{mode_title}: {result['model']} ({result['mode']})", result,
-                  ["top1", "mAP", "epochs", "images_per_second", "train_seconds", "wall_seconds", "checkpoint"])
-    click.echo(f"metrics: {Path(out) / 'metrics.json'}")
+    if main_process:
+        _print_result(f"{mode_title}: {result['model']} ({result['mode']})", result,
+                      ["top1", "mAP", "epochs", "processes", "views_per_step", "images_per_second",
+                       "train_seconds", "wall_seconds", "checkpoint"])
+        click.echo(f"metrics: {Path(out) / 'metrics.json'}")
 
 
 @main.command("train-teacher")
@@ -202,18 +213,26 @@ def dump_teacher(teacher: str, checkpoint: str | None, pretrained: bool, views: 
     Example:
       kdcache dump-teacher --data cifar10-jpg --teacher convnext_atto --checkpoint runs/teacher/model.pt \\
           --views 10 --img-size 32 --out cache.h5
+
+    \b
+    Several processes (GPUs, nodes): torchrun --nproc_per_node N -m kdcache dump-teacher ...
+    Each rank dumps every N-th image into OUT.rankR-of-N; rank 0 merges the parts into OUT.
+    --batch-size then counts crops per forward pass of each process.
     """
     from .teacher import dump
 
-    if checkpoint is None and not pretrained:
+    main_process = _is_main()
+    if checkpoint is None and not pretrained and main_process:
         click.echo("note: no --checkpoint or --pretrained: the teacher has random weights", err=True)
     crops = _crops(kwargs)
     config = DumpConfig(teacher=teacher, checkpoint=checkpoint, pretrained=pretrained, views=views, store=store,
                         out=out, force=force, crops=crops, run=RunOptions(**_pick(RunOptions, kwargs)))
     result = dump(config, progress=_progress())
-    save_json(config, Path(out).with_name(Path(out).name + ".config.json"))
-    _print_result(f"cache {out}", result, ["num_samples", "num_views", "num_classes", "store", "records_dumped",
-                                           "records_per_second", "teacher_view_top1", "file_bytes"])
+    if main_process:
+        save_json(config, Path(out).with_name(Path(out).name + ".config.json"))
+        _print_result(f"cache {out}", result, ["num_samples", "num_views", "num_classes", "store", "processes",
+                                               "records_dumped", "records_per_second", "teacher_view_top1",
+                                               "file_bytes"])
 
 
 @main.command("train-student")
@@ -234,6 +253,9 @@ def dump_teacher(teacher: str, checkpoint: str | None, pretrained: bool, views: 
               show_default=True, help="Softmax temperature T of the KD term (scaled by T^2).")
 @click.option("--pretrained", is_flag=True, help="Start the student from timm's pretrained weights.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), default=None, help="Start the student from local weights.")
+@click.option("--views-per-step", type=click.IntRange(1), default=TrainConfig.views_per_step, show_default=True,
+              help="Decode each image once per step and train on M of its views (FKD's multi-crop): the step "
+                   "sees batch-size x M crops; epoch e uses views e*M .. e*M+M-1 (mod K when cached).")
 @run_options()
 @optim_options
 @crop_options
@@ -251,6 +273,11 @@ def train_student(out: str, **kwargs: Any) -> None:
       kdcache train-student --data cifar10-jpg --model pvt_v2_b0 --epochs 10 --cached cache.h5 --out runs/kd
       kdcache train-student --data cifar10-jpg --model pvt_v2_b0 --epochs 10 --img-size 32 \\
           --online-teacher convnext_atto --teacher-checkpoint runs/teacher/model.pt --out runs/online
+
+    \b
+    Several processes (GPUs, nodes): torchrun --nproc_per_node N -m kdcache train-student ...
+    --batch-size is then the global batch, split evenly over the N processes (DDP),
+    so the run takes the same steps on the same crops as one process.
     """
     if kwargs["cached"] and kwargs["online_teacher"]:
         raise click.UsageError("--cached and --online-teacher are two teacher sources; choose one")

@@ -90,6 +90,10 @@ class TrainConfig:
     run: RunOptions = field(default_factory=RunOptions)
     optim: OptimOptions = field(default_factory=OptimOptions)
     epochs: int = 15  # the paper trains its students for 15 epochs
+    # Crops per image per step (FKD's multi-crop): each image is decoded once and
+    # trained on M views, so the step sees batch_size * M crops. 1 keeps one view
+    # per image per epoch, the paper's setting; raise it when decoding is the bottleneck.
+    views_per_step: int = 1
     crops: CropRanges = field(default_factory=CropRanges)
     pretrained: bool = False
     checkpoint: str | None = None  # local weights to start from

@@ -1,12 +1,14 @@
 """torch Datasets and DataLoaders for the three kinds of pass over the data.
 
-* :class:`TrainViews`: one view per image per epoch, crops from a view source
+* :class:`TrainViews`: M views per image per epoch (M = ``views_per_step``,
+  default 1), the image decoded once for all of them; crops from a view source
   (seeded or cached), cached teacher logits read batch-wise in the worker.
 * :class:`DumpViews`: all K seeded views of an image, decoded once.
 * :class:`EvalViews`: the deterministic evaluation view.
 
 Batches stay uint8 until they reach the device. The epoch's batch order is a
-permutation drawn from ``(seed, epoch)``, so every mode sees the same batches.
+permutation drawn from ``(seed, epoch)``, so every mode sees the same batches,
+and under torchrun every rank takes its share of that same permutation.
 """
 
 from __future__ import annotations
@@ -32,47 +34,95 @@ def _identity(batch: dict) -> dict:
 
 
 class EpochOrder(Sampler[int]):
-    """A shuffled order of the rows that depends on ``(seed, epoch)`` only."""
+    """A shuffled order of the rows that depends on ``(seed, epoch)`` only; under torchrun, one rank's share.
 
-    def __init__(self, size: int, seed: int) -> None:
+    Alone (``world_size`` 1) it yields the whole permutation. With W processes
+    every rank draws the same permutation and keeps the rows one process would
+    train on (the first ``(size // batch_size) * batch_size``, since one process
+    drops the last partial batch), then takes every W-th from ``rank``. Batches
+    of ``batch_size // W`` on each rank then make up exactly the one-process
+    batches, step by step, so a sample meets the same step and view whatever W
+    is. When the data are no bigger than one batch, the permutation is padded by
+    wrapping instead, so every rank has rows and the same number of them.
+    """
+
+    def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1, batch_size: int | None = None) -> None:
+        if world_size > 1 and (batch_size is None or batch_size % world_size):
+            raise ValueError(f"the global batch size ({batch_size}) must be a multiple of world_size ({world_size})")
         self.size = size
         self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.batch_size = batch_size
         self.epoch = 0
 
+    def _used(self) -> int:
+        """How many entries of the permutation the ranks share out."""
+        if self.world_size == 1:
+            return self.size
+        if self.size > self.batch_size:
+            return self.size // self.batch_size * self.batch_size
+        return -(-self.size // self.world_size) * self.world_size  # pad up to a multiple of W by wrapping
+
     def __len__(self) -> int:
-        return self.size
+        return self._used() // self.world_size
+
+    def permutation(self) -> np.ndarray:
+        """The epoch's order of all rows, the same in every process."""
+        return np.random.default_rng([self.seed, self.epoch, 0x5EED]).permutation(self.size)
 
     def __iter__(self) -> Iterator[int]:
-        return iter(np.random.default_rng([self.seed, self.epoch, 0x5EED]).permutation(self.size).tolist())
+        perm = self.permutation()
+        if self.world_size > 1:
+            perm = np.resize(perm, self._used())[self.rank::self.world_size]
+        return iter(perm.tolist())
 
 
 class TrainViews(Dataset):
-    """Training batches: the epoch's view of each image, and cached targets if any."""
+    """Training batches: each image decoded once, its ``views_per_step`` views of the epoch, cached targets if any.
 
-    def __init__(self, images: ImageSet, views: SeededViews | CachedViews, prep: Preprocess) -> None:
+    View slot ``epoch * M + j`` (j < M) is the image's j-th crop in the epoch;
+    the view source turns a slot into a view (the slot itself when crops are
+    sampled, the slot mod K when they come from a cache of K views). With M > 1
+    a batch of B images holds B*M crops, image-major (image 0's M crops first),
+    so decoding is paid once per M crops.
+    """
+
+    def __init__(self, images: ImageSet, views: SeededViews | CachedViews, prep: Preprocess,
+                 views_per_step: int = 1) -> None:
+        if views_per_step < 1:
+            raise ValueError(f"views_per_step must be at least 1, got {views_per_step}")
         self.images = images
         self.views = views
         self.prep = prep
+        self.views_per_step = views_per_step
         self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def epoch_views(self, epoch: int) -> list[int]:
+        """The views every image is trained on in `epoch`."""
+        m = self.views_per_step
+        return [self.views.view(epoch * m + j) for j in range(m)]
 
     def __getitem__(self, index: int) -> dict:
         return self.__getitems__([index])
 
     def __getitems__(self, indices: list[int]) -> dict:
         rows = np.asarray(indices, dtype=np.int64)
-        view = self.views.view(self.epoch)
-        pixels = [self.images.load(int(r)) for r in rows]
+        views = self.epoch_views(self.epoch)
+        pixels = [self.images.load(int(r)) for r in rows]  # decoded once for all the views
         sizes = [(int(p.shape[-2]), int(p.shape[-1])) for p in pixels]
-        fetched = self.views.fetch(rows, self.images.ids[rows], sizes, view)
-        crops = [apply_crop(p, box, bool(flip), self.prep)
-                 for p, box, flip in zip(pixels, fetched["boxes"], fetched["flips"])]
-        batch = {"images": torch.stack(crops), "labels": torch.from_numpy(self.images.labels[rows]),
-                 "rows": torch.from_numpy(rows), "view": view}
-        if "teacher_logits" in fetched:
-            batch["teacher_logits"] = fetched["teacher_logits"]
+        ids = self.images.ids[rows]
+        fetched = [self.views.fetch(rows, ids, sizes, view) for view in views]
+        crops = [apply_crop(p, f["boxes"][i], bool(f["flips"][i]), self.prep)
+                 for i, p in enumerate(pixels) for f in fetched]
+        m = len(views)
+        batch = {"images": torch.stack(crops), "labels": torch.from_numpy(np.repeat(self.images.labels[rows], m)),
+                 "rows": torch.from_numpy(np.repeat(rows, m)), "view": views[0], "views": views}
+        if "teacher_logits" in fetched[0]:
+            batch["teacher_logits"] = torch.stack([f["teacher_logits"] for f in fetched], dim=1).flatten(0, 1)
         return batch
 
 
@@ -117,8 +167,11 @@ def _loader_kwargs(workers: int, device: torch.device) -> dict:
 
 
 def train_loader(dataset: TrainViews, order: EpochOrder, batch_size: int, workers: int, device: torch.device) -> DataLoader:
-    """Batches of `dataset` in `order`; the last partial batch is dropped when there are full ones."""
-    drop_last = len(dataset) > batch_size
+    """Batches of `dataset` in `order`; the last partial batch is dropped when there are full ones.
+
+    `batch_size` counts images per process; a batch holds ``views_per_step`` crops of each.
+    """
+    drop_last = len(order) > batch_size
     return DataLoader(dataset, batch_size=batch_size, sampler=order, drop_last=drop_last,
                       collate_fn=_identity, **_loader_kwargs(workers, device))
 

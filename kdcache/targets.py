@@ -4,7 +4,8 @@ A run picks its mode once, as one :class:`TargetSource`:
 
 * :class:`PlainTargets`: seeded crops, no teacher.
 * :class:`CachedTargets`: crops and teacher logits replayed from a cache
-  (view ``epoch mod K``); the teacher never runs.
+  (view ``epoch mod K``, or ``(epoch*M + j) mod K`` with M views per step);
+  the teacher never runs.
 * :class:`OnlineTeacher`: seeded crops, the teacher runs live on them.
 
 Each source hands the DataLoader a small picklable *view source* that runs in
@@ -25,14 +26,15 @@ from .config import CropRanges
 
 
 class SeededViews:
-    """Crops drawn from ``(seed, sample_id, view)``, with ``view = epoch``."""
+    """Crops drawn from ``(seed, sample_id, view)``, with ``view = slot`` (the epoch when M = 1)."""
 
     def __init__(self, seed: int, ranges: CropRanges) -> None:
         self.seed = seed
         self.ranges = ranges
 
-    def view(self, epoch: int) -> int:
-        return epoch
+    def view(self, slot: int) -> int:
+        """The view of view slot ``epoch * views_per_step + j``."""
+        return slot
 
     def fetch(self, rows: np.ndarray, ids: np.ndarray, sizes: list[tuple[int, int]], view: int) -> dict:
         boxes, flips = zip(*(sample_crop(view_rng(self.seed, sid, view), h, w, self.ranges)
@@ -41,13 +43,14 @@ class SeededViews:
 
 
 class CachedViews:
-    """Crops and teacher logits read from a cache, with ``view = epoch mod K``."""
+    """Crops and teacher logits read from a cache, with ``view = slot mod K`` (slot: the epoch when M = 1)."""
 
     def __init__(self, reader: CacheReader) -> None:
         self.reader = reader
 
-    def view(self, epoch: int) -> int:
-        return epoch % self.reader.info.num_views
+    def view(self, slot: int) -> int:
+        """The cached view of view slot ``epoch * views_per_step + j``; views repeat after K slots."""
+        return slot % self.reader.info.num_views
 
     def fetch(self, rows: np.ndarray, ids: np.ndarray, sizes: list[tuple[int, int]], view: int) -> dict:
         boxes, flips, logits = self.reader.read(rows, view)

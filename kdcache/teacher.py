@@ -1,7 +1,8 @@
-"""The teacher: batched no-grad logits and the dump loop that fills a cache."""
+"""The teacher: batched no-grad logits and the dump loop that fills a cache (or, under torchrun, one part of it)."""
 
 from __future__ import annotations
 
+import datetime as _dt
 import time
 from pathlib import Path
 
@@ -9,15 +10,21 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import distributed, parts
 from .augment import Preprocess, normalize
 from .cache import CacheInfo, CacheWriter, parse_store
 from .config import DumpConfig
-from .data import open_dataset
+from .data import ImageSet, open_dataset
 from .errors import CacheError
 from .loaders import DumpViews, dump_loader
 from .models import build, file_sha256
 from .report import Progress
 from .train import amp_dtype, resolve_device
+
+# How long rank 0 waits at the merge for the slowest rank. After a resume one rank may still have its whole
+# shard to dump while the others are done, so this is a day, not torch's default of minutes; a rank that
+# dies is caught by torchrun, which stops the others, so a long wait never hides a failure.
+MERGE_WAIT = _dt.timedelta(hours=24)
 
 
 @torch.inference_mode()
@@ -41,9 +48,16 @@ def load_teacher(name: str, num_classes: int, img_size: int, device: torch.devic
 def dump(config: DumpConfig, progress: Progress | None = None) -> dict:
     """Run the teacher once over K seeded views of every training image; write the cache.
 
-    Resumes an interrupted dump of the same settings. Returns a summary dict.
+    Resumes an interrupted dump of the same settings. Under torchrun each rank
+    dumps its share of the images into a part file and rank 0 merges the parts
+    (see :mod:`kdcache.parts`); the cache is the one a single process writes.
+    Returns a summary dict (on ranks other than 0 without the file's path and size).
     """
-    progress = progress or Progress()
+    with distributed.session():
+        return _dump(config, progress or Progress())
+
+
+def _dump(config: DumpConfig, progress: Progress) -> dict:
     run = config.run
     parse_store(config.store)  # reject a bad --store before any work
     if config.views < 1:
@@ -51,7 +65,7 @@ def dump(config: DumpConfig, progress: Progress | None = None) -> dict:
     out = Path(config.out)
     if out.exists() and not config.force:
         raise CacheError(f"{out} already exists; pass --force to overwrite it")
-    device = resolve_device(run.device)
+    dist, device = distributed.init(resolve_device(run.device), timeout=MERGE_WAIT)
     amp = amp_dtype(device, run.amp)
     img_size = run.img_size or 224
     train = open_dataset(run.data, "train")
@@ -68,20 +82,89 @@ def dump(config: DumpConfig, progress: Progress | None = None) -> dict:
         dataset_name=train.name, dataset_split=train.split, dataset_fingerprint=train.fingerprint,
         class_names=tuple(train.classes),
     )
-    writer = CacheWriter(out, info, train.ids, train.labels, train.content_hashes, force=config.force)
+    stale = parts.other_parts(out, dist.world_size)
+    if stale:
+        progress.note(f"{len(stale)} part files of a dump with another number of processes are not used "
+                      f"(e.g. {stale[0].name}); delete them when this dump is done")
+    dumper = _Dumper(teacher, train, prep, device, amp, config, progress)
+
+    if not dist.enabled:
+        writer = CacheWriter(out, info, train.ids, train.labels, train.content_hashes, force=config.force)
+        try:
+            if writer.resumed_rows:
+                progress.note(f"resuming {writer.partial}: {writer.resumed_rows} of {len(train)} images already done")
+            done, correct, seconds = dumper.fill(writer, np.arange(len(train)))
+            path = writer.finish()
+        finally:
+            writer.close()
+        return _summary(config, train, done, correct, seconds) | {"cache": str(path),
+                                                                  "file_bytes": path.stat().st_size}
+
+    # Several processes: this rank's part, then rank 0 merges all of them.
+    rows = dist.shard(len(train))
+    part = parts.part_path(out, dist.rank, dist.world_size)
+    part_info = parts.part_info(info, rows)
+    if part.exists():
+        parts.check_part(part, part_info, dist.rank, dist.world_size, train.ids[rows]).close()
+        writer, resumed = None, len(rows)
+    else:
+        writer = CacheWriter(part, part_info, train.ids[rows], train.labels[rows], train.content_hashes[rows],
+                             extra_attrs=parts.part_attrs(dist.rank, dist.world_size))
+        resumed = writer.resumed_rows
     try:
-        rows = writer.pending_rows()
-        if writer.resumed_rows:
-            progress.note(f"resuming {writer.partial}: {writer.resumed_rows} of {len(train)} images already done")
+        (resumed_all,) = dist.all_reduce([resumed])
+        if resumed_all:
+            progress.note(f"resuming a {dist.world_size}-process dump: {int(resumed_all)} of {len(train)} images "
+                          "already done")
+        done = correct = seconds = 0.0
+        if writer is not None:
+            done, correct, seconds = dumper.fill(writer, rows)
+            writer.finish()
+    finally:
+        if writer is not None:
+            writer.close()
+    dist.barrier()  # every part is complete
+    done, correct = dist.all_reduce([done, correct])
+    (seconds,) = dist.all_reduce([seconds], op="max")
+    summary = _summary(config, train, int(done), int(correct), seconds) | {"processes": dist.world_size}
+    if not dist.is_main():
+        return summary | {"rank": dist.rank}
+    path = parts.merge_parts(out, info, train.ids, train.labels, train.content_hashes, dist.world_size,
+                             force=config.force, progress=progress)
+    return summary | {"cache": str(path), "file_bytes": path.stat().st_size}
+
+
+def _summary(config: DumpConfig, train: ImageSet, done: int, correct: int, seconds: float) -> dict:
+    return {"num_samples": len(train), "num_views": config.views, "num_classes": train.num_classes,
+            "store": config.store, "records_dumped": done, "seconds": seconds,
+            "records_per_second": done / max(seconds, 1e-9), "teacher_view_top1": 100.0 * correct / max(done, 1)}
+
+
+class _Dumper:
+    """The teacher over all K views of images, writing into one cache writer."""
+
+    def __init__(self, teacher: nn.Module, train: ImageSet, prep: Preprocess, device: torch.device, amp: torch.dtype | None,
+                 config: DumpConfig, progress: Progress) -> None:
+        self.teacher, self.train, self.prep, self.device, self.amp = teacher, train, prep, device, amp
+        self.config, self.progress = config, progress
+
+    def fill(self, writer: CacheWriter, rows: np.ndarray) -> tuple[int, int, float]:
+        """Dump the dataset rows `rows` (writer row i is dataset row ``rows[i]``) that are still pending.
+
+        Returns the records written, those whose teacher top-1 is the label, and the seconds taken.
+        """
+        config, run, train = self.config, self.config.run, self.train
+        todo = rows[writer.pending_rows()]
         images_per_batch = max(1, run.batch_size // config.views)
-        loader = dump_loader(DumpViews(train, run.seed, config.crops, config.views, prep), rows,
-                             images_per_batch, run.workers, device)
-        progress.start(f"dump {config.teacher} x{config.views} views", len(rows) * config.views)
+        loader = dump_loader(DumpViews(train, run.seed, config.crops, config.views, self.prep), todo,
+                             images_per_batch, run.workers, self.device)
+        self.progress.start(f"dump {config.teacher} x{config.views} views", len(todo) * config.views)
         start = time.perf_counter()
         correct = 0
         for batch in loader:
             b, k = batch["images"].shape[:2]
-            logits = teacher_logits(teacher, batch["images"].flatten(0, 1), prep, device, amp).view(b, k, -1)
+            logits = teacher_logits(self.teacher, batch["images"].flatten(0, 1), self.prep, self.device,
+                                    self.amp).view(b, k, -1)
             logits = logits.cpu().numpy()
             batch_rows = batch["rows"].numpy()
             bad = ~np.isfinite(logits).all(axis=-1)
@@ -89,16 +172,9 @@ def dump(config: DumpConfig, progress: Progress | None = None) -> dict:
                 i, v = np.argwhere(bad)[0]
                 raise CacheError(f"the teacher returned NaN or Inf for {train.describe(int(batch_rows[i]))} view {v}; "
                                  "check the checkpoint (or dump without --amp)")
-            writer.write(batch_rows, batch["boxes"].numpy(), batch["flips"].numpy(), logits)
+            writer.write(np.searchsorted(rows, batch_rows), batch["boxes"].numpy(), batch["flips"].numpy(), logits)
             correct += int((logits.argmax(-1) == train.labels[batch_rows][:, None]).sum())
-            progress.update(b * k)
+            self.progress.update(b * k)
         seconds = time.perf_counter() - start
-        progress.stop()
-        path = writer.finish()
-    finally:
-        writer.close()
-    done = len(rows) * config.views
-    return {"cache": str(path), "num_samples": len(train), "num_views": config.views,
-            "num_classes": train.num_classes, "store": config.store, "records_dumped": done,
-            "seconds": seconds, "records_per_second": done / max(seconds, 1e-9),
-            "teacher_view_top1": 100.0 * correct / max(done, 1), "file_bytes": path.stat().st_size}
+        self.progress.stop()
+        return len(todo) * config.views, correct, seconds

@@ -4,6 +4,12 @@
 the :class:`~kdcache.targets.TargetSource` once, and runs
 :func:`train_one_epoch` and :func:`evaluate`. Plain, cached and online runs
 differ only in that object.
+
+Under torchrun every process builds the same run; :mod:`kdcache.distributed`
+wraps the student in DistributedDataParallel and :class:`~kdcache.loaders.EpochOrder`
+gives each rank its share of every one-process batch (``--batch-size`` is the
+global batch), so W processes take the same optimizer steps on the same
+(sample, view) pairs as one. Rank 0 alone evaluates and writes the outputs.
 """
 
 from __future__ import annotations
@@ -18,11 +24,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import metrics
+from . import distributed, metrics
 from .augment import Preprocess, normalize
 from .cache import CacheReader
 from .config import TrainConfig
 from .data import ImageSet, open_dataset
+from .distributed import Dist
 from .errors import CacheError, KdcacheError
 from .loaders import EpochOrder, EvalViews, TrainViews, eval_loader, train_loader
 from .losses import kd_loss
@@ -161,9 +168,14 @@ def _build_targets(config: TrainConfig, reader: CacheReader | None, train: Image
     """The run's mode as one object, plus the teacher's preprocessing (None: the student's own)."""
     if reader is not None:
         check_cache_fits(reader, train, img_size)
-        if config.epochs > reader.info.num_views:
-            progress.note(f"{config.epochs} epochs but {reader.info.num_views} cached views: epoch e uses view "
-                          f"e mod {reader.info.num_views}, so views are reused")
+        k, m = reader.info.num_views, config.views_per_step
+        if m > k:
+            progress.note(f"--views-per-step {m} but {k} cached views: each step trains on some views of an "
+                          "image more than once")
+        elif config.epochs * m > k:
+            rule = f"epoch e uses view e mod {k}" if m == 1 else f"epoch e uses views (e*{m} + j) mod {k}, j < {m}"
+            progress.note(f"{config.epochs} epochs x {m} views per step but {k} cached views: {rule}, "
+                          "so views are reused")
         extra = {"cache": str(reader.path), "cache_views": reader.info.num_views, "teacher": reader.info.teacher,
                  "cache_store": reader.info.store}
         return CachedTargets(reader), preprocess_of_cache(reader), extra
@@ -197,31 +209,60 @@ class Run:
     dataset: TrainViews
     order: EpochOrder
     extra: dict
+    dist: Dist = Dist()
+
+    @property
+    def module(self) -> nn.Module:
+        """The student itself (without a DistributedDataParallel wrapper)."""
+        return distributed.unwrap(self.model)
 
     def loader(self, epoch: int):
-        """The epoch's DataLoader: view and batch order set for `epoch`."""
+        """This process's DataLoader of the epoch: view and batch order set for `epoch`."""
         self.dataset.epoch = self.order.epoch = epoch
         run = self.config.run
-        return train_loader(self.dataset, self.order, run.batch_size, run.workers, self.device)
+        return train_loader(self.dataset, self.order, run.batch_size // self.dist.world_size, run.workers,
+                            self.device)
 
     def train_epoch(self, epoch: int, loader=None, progress: Progress | None = None,
                     on_step: Callable[[StepLog], None] | None = None) -> dict[str, float]:
-        """One epoch (or the batches of `loader`, if given) with this run's loss settings."""
+        """One epoch (or the batches of `loader`, if given) with this run's loss settings.
+
+        Under torchrun the returned stats cover all processes: mean losses over
+        every crop, the images of all ranks, and the slowest rank's seconds.
+        `on_step` sees this process's own batch.
+        """
         c = self.config
-        return train_one_epoch(self.model, loader if loader is not None else self.loader(epoch), self.optimizer,
-                               self.targets, self.prep, self.device, c.alpha, c.temperature, self.amp, self.scaler,
-                               epoch, progress, on_step)
+        stats = train_one_epoch(self.model, loader if loader is not None else self.loader(epoch), self.optimizer,
+                                self.targets, self.prep, self.device, c.alpha, c.temperature, self.amp, self.scaler,
+                                epoch, progress, on_step)
+        w = self.dist.world_size  # alone, the reductions below return the stats as they are
+        loss, ce, kd, images = self.dist.all_reduce([stats["loss"], stats["ce"], stats["kd"], stats["images"]])
+        (seconds,) = self.dist.all_reduce([stats["seconds"]], op="max")
+        # Every rank takes the same number of equal batches, so the mean of the ranks' means is the global mean.
+        return {"loss": loss / w, "ce": ce / w, "kd": kd / w, "images": int(images), "steps": stats["steps"],
+                "seconds": seconds}
 
 
 def prepare(config: TrainConfig, progress: Progress | None = None) -> Run:
-    """Open the data, pick the mode, build the student, its optimizer and scheduler."""
+    """Open the data, pick the mode, build the student, its optimizer and scheduler.
+
+    Under torchrun this joins the process group (see :func:`kdcache.distributed.init`).
+    """
     progress = progress or Progress()
     run = config.run
     if config.cached and config.online_teacher:
         raise KdcacheError("choose one teacher source: --cached or --online-teacher, not both")
-    device = resolve_device(run.device)
+    if config.views_per_step < 1:
+        raise KdcacheError(f"--views-per-step must be at least 1, got {config.views_per_step}")
+    dist, device = distributed.init(resolve_device(run.device))
+    if run.batch_size % dist.world_size:
+        raise KdcacheError(f"--batch-size {run.batch_size} is the global batch and is split evenly over the "
+                           f"{dist.world_size} processes: make it a multiple of {dist.world_size}")
     amp = amp_dtype(device, run.amp)
-    reader = CacheReader(config.cached, preload=config.preload) if config.cached else None
+    # Under torchrun a rank reads only its own records from the file unless --preload asks for a full copy
+    # in every process's memory.
+    preload = config.preload if config.preload is not None or not dist.enabled else False
+    reader = CacheReader(config.cached, preload=preload) if config.cached else None
     train = open_dataset(run.data, "train")
     test = open_dataset(run.data, "test")
     img_size = run.img_size or (reader.info.input_size if reader else DEFAULT_IMG_SIZE)
@@ -253,63 +294,80 @@ def prepare(config: TrainConfig, progress: Progress | None = None) -> Run:
                                        decay_epochs=decay_epochs, decay_rate=optim.decay_rate,
                                        warmup_epochs=optim.warmup_epochs)
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
+    # Wrapped after the optimizer is built, so timm sees the student's own parameter names.
+    model = dist.wrap(model, device)
+    order = EpochOrder(len(train), run.seed, dist.rank, dist.world_size, run.batch_size)
     return Run(config=config, device=device, amp=amp, train=train, test=test, img_size=img_size, targets=targets,
                prep=prep, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-               dataset=TrainViews(train, targets.views, prep), order=EpochOrder(len(train), run.seed), extra=extra)
+               dataset=TrainViews(train, targets.views, prep, config.views_per_step), order=order, extra=extra,
+               dist=dist)
 
 
 def fit(config: TrainConfig, progress: Progress | None = None,
         on_step: Callable[[StepLog], None] | None = None) -> dict:
     """Train `config.model` in the mode the config names; write a checkpoint and metrics.json.
 
-    Returns the metrics dict that is also written to ``OUT/metrics.json``.
+    Returns the metrics dict that is also written to ``OUT/metrics.json``. Under
+    torchrun every process trains; rank 0 alone evaluates on the full test set
+    and writes the outputs, and the other ranks return the training part of the
+    summary (without ``top1`` and ``mAP``).
     """
+    with distributed.session():
+        return _fit(config, progress or Progress(), on_step)
+
+
+def _fit(config: TrainConfig, progress: Progress, on_step: Callable[[StepLog], None] | None) -> dict:
     wall_start = time.perf_counter()
-    progress = progress or Progress()
     r = prepare(config, progress)
+    m = config.views_per_step
     history: list[dict] = []
     train_seconds = 0.0
     train_images = 0
     for epoch in range(config.epochs):
         loader = r.loader(epoch)
         progress.start(f"{r.targets.mode} {config.model} {epoch + 1}/{config.epochs}",
-                       len(loader) * config.run.batch_size if loader.drop_last else len(r.train))
+                       m * (len(loader) * loader.batch_size if loader.drop_last else len(r.order)))
         stats = r.train_epoch(epoch, loader, progress, on_step)
         progress.stop()
         if r.scheduler is not None:
             r.scheduler.step(epoch + 1)
         train_seconds += stats["seconds"]
         train_images += stats["images"]
-        history.append({"epoch": epoch, "view": r.targets.views.view(epoch),
+        views = r.dataset.epoch_views(epoch)
+        history.append({"epoch": epoch, "view": views[0], "views": views,
                         "lr": r.optimizer.param_groups[0]["lr"], **stats})
-
-    progress.start(f"evaluate {config.model}", len(r.test))
-    result = evaluate(r.model, r.test, r.prep, r.device, config.run.batch_size, config.run.workers, r.amp)
-    progress.update(len(r.test))
-    progress.stop()
 
     out = Path(config.out)
     checkpoint = out / "model.pt"
-    save_checkpoint(r.model, checkpoint, {"arch": config.model, "num_classes": r.train.num_classes,
-                                          "img_size": r.img_size, "classes": list(r.train.classes)})
     summary = {
         "mode": r.targets.mode,
         "model": config.model,
         "dataset": r.train.name,
-        "top1": result["top1"],
-        "mAP": result["mAP"],
         "epochs": config.epochs,
         "img_size": r.img_size,
         "batch_size": config.run.batch_size,
+        "views_per_step": m,
+        "processes": r.dist.world_size,
+        # Crops the student trained on (batch_size * views_per_step per step), over all processes.
         "train_images": train_images,
         "train_seconds": train_seconds,
         "images_per_second": train_images / max(train_seconds, 1e-9),
-        "wall_seconds": time.perf_counter() - wall_start,
+        "decoded_images_per_second": train_images / m / max(train_seconds, 1e-9),
         "device": str(r.device),
-        "params_m": sum(p.numel() for p in r.model.parameters()) / 1e6,
-        "checkpoint": str(checkpoint),
+        "params_m": sum(p.numel() for p in r.module.parameters()) / 1e6,
         **r.extra,
     }
+    if not r.dist.is_main():
+        return {**summary, "rank": r.dist.rank, "wall_seconds": time.perf_counter() - wall_start}
+
+    progress.start(f"evaluate {config.model}", len(r.test))
+    result = evaluate(r.module, r.test, r.prep, r.device, config.run.batch_size, config.run.workers, r.amp)
+    progress.update(len(r.test))
+    progress.stop()
+    save_checkpoint(r.module, checkpoint, {"arch": config.model, "num_classes": r.train.num_classes,
+                                           "img_size": r.img_size, "classes": list(r.train.classes)})
+    summary = {**summary, "top1": result["top1"], "mAP": result["mAP"], "checkpoint": str(checkpoint),
+               "wall_seconds": time.perf_counter() - wall_start}
     (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "history.json").write_text(json.dumps(history, indent=2) + "\n")
     return summary
