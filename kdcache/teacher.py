@@ -104,12 +104,17 @@ def _dump(config: DumpConfig, progress: Progress) -> dict:
     rows = dist.shard(len(train))
     part = parts.part_path(out, dist.rank, dist.world_size)
     part_info = parts.part_info(info, rows)
+    writer, resumed = None, len(rows)
     if part.exists():
-        parts.check_part(part, part_info, dist.rank, dist.world_size, train.ids[rows]).close()
-        writer, resumed = None, len(rows)
-    else:
+        try:
+            parts.check_part(part, part_info, dist.rank, dist.world_size, train.ids[rows]).close()
+        except CacheError:
+            if not config.force:
+                raise
+            part.unlink()  # --force: a finished part of other settings is discarded, like OUT itself
+    if not part.exists():
         writer = CacheWriter(part, part_info, train.ids[rows], train.labels[rows], train.content_hashes[rows],
-                             extra_attrs=parts.part_attrs(dist.rank, dist.world_size))
+                             force=config.force, extra_attrs=parts.part_attrs(dist.rank, dist.world_size))
         resumed = writer.resumed_rows
     try:
         (resumed_all,) = dist.all_reduce([resumed])
