@@ -37,7 +37,10 @@ from throughput import flops_per_image  # noqa: E402
 
 
 def prepare_data(cfg: dict, cache_dir: Path) -> str:
-    """Extract the archive once and link the class-balanced subset the config asks for."""
+    """The dataset folder: the config's "path" as is, or its "archive" extracted once
+    with the class-balanced subset the config asks for linked beside it."""
+    if "path" in cfg:
+        return str(Path(cfg["path"]).expanduser())
     archive = Path(cfg["archive"]).expanduser()
     if not archive.is_absolute():
         archive = (Path(__file__).resolve().parents[1] / archive).resolve()
@@ -76,7 +79,10 @@ def main() -> None:
     progress = RichProgress()
     crops = CropRanges(scale=tuple(cfg["crop_scale"]), hflip=cfg.get("hflip", 0.5))
     optim = OptimOptions(**cfg["optim"])
-    base_run = RunOptions(data=data, img_size=cfg["img_size"], batch_size=cfg["batch_size"], seed=0)
+    # A CPU study keeps the library defaults; a GPU one (study_stanford40.json) sets these.
+    hardware = {k: cfg[k] for k in ("workers", "device", "amp") if k in cfg}
+    base_run = RunOptions(data=data, img_size=cfg["img_size"], batch_size=cfg["batch_size"], seed=0, **hardware)
+    pretrained = bool(cfg.get("pretrained", False))
     records: dict[str, dict] = {}
 
     def train(key: str, model: str, seed: int = 0, **mode) -> dict:
@@ -86,17 +92,18 @@ def main() -> None:
             print(f"== {key}", file=sys.stderr)
             config = TrainConfig(model=model, out=str(target), run=RunOptions(**{**base_run.__dict__, "seed": seed}),
                                  optim=optim, epochs=cfg["epochs"], crops=crops, alpha=cfg["alpha"],
-                                 temperature=cfg["temperature"], **mode)
+                                 temperature=cfg["temperature"], pretrained=pretrained, **mode)
             done = fit(config, progress)
         records[key] = done
         return done
 
-    def cache(views: int, store: str = "fp16") -> str:
-        path = runs_dir / f"teacher-K{views}-{store.replace(':', '')}.h5"
+    def cache(views: int, store: str = "fp16", seed: int = 0) -> str:
+        path = runs_dir / f"teacher-K{views}-{store.replace(':', '')}{f'-seed{seed}' if seed else ''}.h5"
         if not path.exists():
-            print(f"== dump K={views} {store}", file=sys.stderr)
+            print(f"== dump K={views} {store} seed {seed}", file=sys.stderr)
             result = dump(DumpConfig(teacher=cfg["teacher"], checkpoint=str(teacher_ckpt), out=str(path),
-                                     views=views, store=store, crops=crops, run=base_run), progress)
+                                     views=views, store=store, crops=crops,
+                                     run=RunOptions(**{**base_run.__dict__, "seed": seed})), progress)
             (path.with_suffix(".dump.json")).write_text(json.dumps(result, indent=2) + "\n")
         return str(path)
 
@@ -106,7 +113,7 @@ def main() -> None:
     if teacher is None:
         print("== teacher", file=sys.stderr)
         teacher = fit(TrainConfig(model=cfg["teacher"], out=str(teacher_out), run=base_run, optim=optim,
-                                  epochs=cfg["teacher_epochs"], crops=crops, pretrained=False), progress)
+                                  epochs=cfg["teacher_epochs"], crops=crops, pretrained=pretrained), progress)
     teacher_ckpt = teacher["checkpoint"]
     views = cfg["views"]
     main_cache = cache(views)
@@ -125,7 +132,9 @@ def main() -> None:
         for seed in [0, *cfg["noise_seeds"]]:
             suffix = "" if seed == 0 else f"-seed{seed}"
             train(f"{s}-plain{suffix}", s, seed=seed)
-            train(f"{s}-cached{suffix}", s, seed=seed, cached=main_cache)
+            # A seed is the whole run's: the dump's crops as well as the student's
+            # init and batch order, so cached and online KD see the same crops.
+            train(f"{s}-cached{suffix}", s, seed=seed, cached=cache(views, seed=seed))
             train(f"{s}-online{suffix}", s, seed=seed, **online)
     if "views" in parts:
         s = cfg["sweep_student"]
@@ -158,6 +167,7 @@ def write_report(cfg: dict, out: Path, teacher: dict, records: dict, runs_dir: P
              f"crop scale {cfg['crop_scale']}.", "",
              f"Teacher {cfg['teacher']}: top-1 {teacher['top1']:.2f} %, mAP {teacher['mAP']:.2f} % "
              f"({cfg['teacher_epochs']} epochs).", ""]
+    lines += [*cfg.get("notes", []), ""] if cfg.get("notes") else []
     table = []
     if all(f"{s}-plain" in records and f"{s}-cached" in records for s in cfg["students"]):
         lines += ["## Table I: plain vs cached KD", "",
@@ -169,6 +179,33 @@ def write_report(cfg: dict, out: Path, teacher: dict, records: dict, runs_dir: P
             table.append({"network": s, "params_m": params, "gflops": gflops, "plain": p, "kd": k})
             lines.append(f"| {s} | {params:.1f} | {gflops:.3f} | {p['top1']:.2f} | {k['top1']:.2f} | "
                          f"{k['top1'] - p['top1']:+.2f} | {p['mAP']:.2f} | {k['mAP']:.2f} | {k['mAP'] - p['mAP']:+.2f} |")
+    s = cfg["noise_student"]
+    seeds = [0, *cfg["noise_seeds"]]
+    noise = {}
+    noise_lines = []
+    keys = {(m, sd): f"{s}-{m}{'' if sd == 0 else f'-seed{sd}'}" for m in ("plain", "cached", "online") for sd in seeds}
+    if all(k in records for k in keys.values()):
+        noise_lines += ["", f"## Run-to-run noise ({s}, seeds {seeds})", "",
+                        "A seed sets the crops (the cached runs read a cache dumped with that seed), the student's "
+                        "initialisation and the batch order; cached and online KD of one seed see the same crops.", "",
+                        "| mode | top-1 per seed | mean | std | mAP per seed | mean | std |",
+                        "|---|---|---:|---:|---|---:|---:|"]
+        for m in ("plain", "cached", "online"):
+            rs = [records[keys[m, sd]] for sd in seeds]
+            t1, ap = [r["top1"] for r in rs], [r["mAP"] for r in rs]
+            noise[m] = {"top1": t1, "mAP": ap}
+            noise_lines.append(f"| {m} | {', '.join(f'{v:.2f}' for v in t1)} | {statistics.mean(t1):.2f} | "
+                               f"{statistics.stdev(t1):.2f} | {', '.join(f'{v:.2f}' for v in ap)} | "
+                               f"{statistics.mean(ap):.2f} | {statistics.stdev(ap):.2f} |")
+        diffs = {metric: [records[keys["cached", sd]][metric] - records[keys["online", sd]][metric] for sd in seeds]
+                 for metric in ("top1", "mAP")}
+        noise["cached_minus_online"] = diffs
+        noise_lines += ["", "Cached minus online, seed by seed: top-1 "
+                        + ", ".join(f"{d:+.2f}" for d in diffs["top1"]) + f" (mean {statistics.mean(diffs['top1']):+.2f}); "
+                        "mAP " + ", ".join(f"{d:+.2f}" for d in diffs["mAP"]) + f" (mean {statistics.mean(diffs['mAP']):+.2f}). "
+                        "KD over plain, mean over seeds: cached "
+                        f"{statistics.mean(noise['cached']['top1']) - statistics.mean(noise['plain']['top1']):+.2f} top-1, "
+                        f"online {statistics.mean(noise['online']['top1']) - statistics.mean(noise['plain']['top1']):+.2f}."]
     parity = [s for s in cfg["parity_students"] if f"{s}-online" in records]
     if parity:
         lines += ["", "## Parity: cached vs online KD (same seeds, crops and batches)", "",
@@ -179,31 +216,30 @@ def write_report(cfg: dict, out: Path, teacher: dict, records: dict, runs_dir: P
             lines.append(f"| {s} | {c['top1']:.2f} | {o['top1']:.2f} | {c['top1'] - o['top1']:+.2f} | {c['mAP']:.2f} | "
                          f"{o['mAP']:.2f} | {c['mAP'] - o['mAP']:+.2f} | {c['images_per_second']:.0f} | "
                          f"{o['images_per_second']:.0f} |")
-    s = cfg["noise_student"]
-    seeds = [0, *cfg["noise_seeds"]]
-    noise = {}
-    if all(f"{s}-{m}{'' if sd == 0 else f'-seed{sd}'}" in records for m in ("plain", "cached", "online") for sd in seeds):
-        lines += ["", f"## Run-to-run noise ({s}, seeds {seeds})", "",
-                  "| mode | top-1 per seed | mean | std | mAP mean | mAP std |", "|---|---|---:|---:|---:|---:|"]
-        for m in ("plain", "cached", "online"):
-            rs = [records[f"{s}-{m}{'' if sd == 0 else f'-seed{sd}'}"] for sd in seeds]
-            t1, ap = [r["top1"] for r in rs], [r["mAP"] for r in rs]
-            noise[m] = {"top1": t1, "mAP": ap}
-            lines.append(f"| {m} | {', '.join(f'{v:.2f}' for v in t1)} | {statistics.mean(t1):.2f} | "
-                         f"{statistics.stdev(t1):.2f} | {statistics.mean(ap):.2f} | {statistics.stdev(ap):.2f} |")
+        if noise:
+            # The yardstick: how far two runs that differ only in the seed land apart.
+            spread = max(statistics.stdev(noise[m]["top1"]) for m in ("plain", "cached", "online"))
+            gaps = [abs(records[f"{p}-cached"]["top1"] - records[f"{p}-online"]["top1"]) for p in parity]
+            verdict = "within" if max(gaps) <= 2 * spread else "outside"
+            lines += ["", f"Largest cached-online top-1 gap: {max(gaps):.2f} points; largest seed-to-seed std of top-1 "
+                      f"(next section): {spread:.2f} points. The gap is {verdict} two standard deviations of the "
+                      "run-to-run noise."]
+    lines += noise_lines
     s = cfg["sweep_student"]
     sweep = []
     for k in cfg["views_sweep"]:
         key = f"{s}-cached" if k == cfg["views"] else f"{s}-cached-K{k}"
         if key in records:
-            sweep.append({"views": k, "top1": records[key]["top1"], "mAP": records[key]["mAP"]})
+            path = runs_dir / f"teacher-K{k}-fp16.h5"
+            sweep.append({"views": k, "top1": records[key]["top1"], "mAP": records[key]["mAP"],
+                          "file_mib": path.stat().st_size / 2**20 if path.exists() else float("nan")})
     if sweep:
         lines += ["", f"## How many cached views? ({s}, {cfg['epochs']} epochs; epoch e uses view e mod K)", "",
-                  "| K | top-1 | mAP |", "|---:|---:|---:|"]
-        lines += [f"| {r['views']} | {r['top1']:.2f} | {r['mAP']:.2f} |" for r in sweep]
+                  "| K | top-1 | mAP | cache size (fp16) |", "|---:|---:|---:|---:|"]
+        lines += [f"| {r['views']} | {r['top1']:.2f} | {r['mAP']:.2f} | {r['file_mib']:.2f} MiB |" for r in sweep]
         if f"{s}-online" in records:
             o = records[f"{s}-online"]
-            lines.append(f"| online (fresh crops every epoch) | {o['top1']:.2f} | {o['mAP']:.2f} |")
+            lines.append(f"| online (fresh crops every epoch) | {o['top1']:.2f} | {o['mAP']:.2f} | none |")
     stores = []
     for store in ["fp16", *cfg["stores"]]:
         key = f"{s}-cached" if store == "fp16" else f"{s}-cached-{store.replace(':', '')}"
@@ -215,15 +251,28 @@ def write_report(cfg: dict, out: Path, teacher: dict, records: dict, runs_dir: P
         lines += ["", f"## Compression ({s}, K = {cfg['views']})", "", "| store | top-1 | mAP | cache size |",
                   "|---|---:|---:|---:|"]
         lines += [f"| {r['store']} | {r['top1']:.2f} | {r['mAP']:.2f} | {r['file_mib']:.2f} MiB |" for r in stores]
+    lines += ["", "## Every run", "", "Each run's `metrics.json` is copied to `runs/KEY.json` beside this report.", "",
+              "| run | mode | top-1 | mAP | train img/s | wall s |", "|---|---|---:|---:|---:|---:|"]
+    runs_out = out / "runs"
+    runs_out.mkdir(exist_ok=True)
+    for key, r in [("teacher", teacher), *sorted(records.items())]:
+        (runs_out / f"{key}.json").write_text(json.dumps(r, indent=2) + "\n")
+        lines.append(f"| {key} | {r['mode']} | {r['top1']:.2f} | {r['mAP']:.2f} | {r['images_per_second']:.0f} | "
+                     f"{r['wall_seconds']:.0f} |")
+    missing = [name for name, done in (("Table I", bool(table)), ("parity", bool(parity)), ("noise", bool(noise)),
+                                       ("views sweep", len(sweep) == len(cfg["views_sweep"])),
+                                       ("compression", len(stores) == 1 + len(cfg["stores"]))) if not done]
+    if missing:
+        lines[1:1] = ["", f"**Partial.** Not run yet: {', '.join(missing)}."]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     (out / "results.json").write_text(json.dumps({"config": cfg, "teacher": teacher, "table": table, "noise": noise,
                                                   "views_sweep": sweep, "stores": stores, "runs": records},
                                                  indent=2) + "\n")
-    plot(cfg, out, table, sweep, records)
+    plot(cfg, out, table, sweep, records, noise)
     print((out / "report.md").read_text())
 
 
-def plot(cfg: dict, out: Path, table: list, sweep: list, records: dict) -> None:
+def plot(cfg: dict, out: Path, table: list, sweep: list, records: dict, noise: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -232,12 +281,17 @@ def plot(cfg: dict, out: Path, table: list, sweep: list, records: dict) -> None:
     if table:
         fig, ax = plt.subplots(figsize=(7, 3.4), dpi=120)
         xs = range(len(table))
-        ax.bar([x - 0.2 for x in xs], [r["plain"]["top1"] for r in table], 0.4, label="plain", color="#888888")
-        ax.bar([x + 0.2 for x in xs], [r["kd"]["top1"] for r in table], 0.4, label="cached KD", color="#2a7ab9")
+        bars = [("plain", "plain", "#888888"), ("cached", "cached KD", "#2a7ab9"), ("online", "online KD", "#d9822b")]
+        width = 0.27
+        for i, (mode, label, color) in enumerate(bars):
+            points = [(x, records[f"{r['network']}-{mode}"]["top1"]) for x, r in zip(xs, table)
+                      if f"{r['network']}-{mode}" in records]
+            if points:
+                ax.bar([x + (i - 1) * width for x, _ in points], [v for _, v in points], width, label=label, color=color)
         ax.set_xticks(list(xs), [r["network"] for r in table], rotation=15, fontsize=8)
         ax.set_ylabel("top-1 %")
-        ax.set_title(f"{cfg['name']}: plain vs cached KD")
-        ax.legend()
+        ax.set_title(f"{cfg['name']}: plain vs KD (online KD for the parity students)")
+        ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(out / "accuracy_per_student.png")
     if sweep:
@@ -246,11 +300,15 @@ def plot(cfg: dict, out: Path, table: list, sweep: list, records: dict) -> None:
         online = records.get(f"{cfg['sweep_student']}-online")
         if online:
             ax.axhline(online["top1"], color="#d9822b", ls="--", label="online KD")
+            if noise.get("online") and cfg["noise_student"] == cfg["sweep_student"]:
+                spread = statistics.stdev(noise["online"]["top1"])
+                ax.axhspan(online["top1"] - spread, online["top1"] + spread, color="#d9822b", alpha=0.15,
+                           label="online KD ± 1 std over seeds")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("cached views per image (K)")
         ax.set_ylabel("top-1 %")
         ax.set_title(f"{cfg['sweep_student']}, {cfg['epochs']} epochs")
-        ax.legend()
+        ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(out / "accuracy_vs_views.png")
 
