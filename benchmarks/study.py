@@ -259,6 +259,16 @@ def write_report(cfg: dict, out: Path, teacher: dict, records: dict, runs_dir: P
         (runs_out / f"{key}.json").write_text(json.dumps(r, indent=2) + "\n")
         lines.append(f"| {key} | {r['mode']} | {r['top1']:.2f} | {r['mAP']:.2f} | {r['images_per_second']:.0f} | "
                      f"{r['wall_seconds']:.0f} |")
+    dumps = sorted(runs_dir.glob("teacher-*.dump.json"))
+    if dumps:
+        lines += ["", "## Dumps (the teacher's only forward passes in cached mode)", "",
+                  "| cache | records this run | s | records/s | teacher top-1 over views | file |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for path in dumps:
+            d = json.loads(path.read_text())
+            lines.append(f"| {path.name.removesuffix('.dump.json')} | {d['records_dumped']:,} | {d['seconds']:.1f} | "
+                         f"{d['records_per_second']:.0f} | {d['teacher_view_top1']:.2f} | "
+                         f"{d['file_bytes'] / 2**20:.2f} MiB |")
     missing = [name for name, done in (("Table I", bool(table)), ("parity", bool(parity)), ("noise", bool(noise)),
                                        ("views sweep", len(sweep) == len(cfg["views_sweep"])),
                                        ("compression", len(stores) == 1 + len(cfg["stores"]))) if not done]
