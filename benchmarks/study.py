@@ -251,9 +251,9 @@ def write_report(cfg: dict, out: Path, teacher: dict, records: dict, runs_dir: P
         lines += ["", f"## Compression ({s}, K = {cfg['views']})", "", "| store | top-1 | mAP | cache size |",
                   "|---|---:|---:|---:|"]
         lines += [f"| {r['store']} | {r['top1']:.2f} | {r['mAP']:.2f} | {r['file_mib']:.2f} MiB |" for r in stores]
-    lines += ["", "## Every run", "", "Each run's `metrics.json` is copied to `runs/KEY.json` beside this report.", "",
+    lines += ["", "## Every run", "", "Each run's `metrics.json` is copied to `records/KEY.json` beside this report.", "",
               "| run | mode | top-1 | mAP | train img/s | wall s |", "|---|---|---:|---:|---:|---:|"]
-    runs_out = out / "runs"
+    runs_out = out / "records"
     runs_out.mkdir(exist_ok=True)
     for key, r in [("teacher", teacher), *sorted(records.items())]:
         (runs_out / f"{key}.json").write_text(json.dumps(r, indent=2) + "\n")

@@ -51,7 +51,7 @@ def test_study_runs_every_part_and_resumes(tmp_path: Path) -> None:
     assert "two standard deviations of the run-to-run noise" in report
     # Each seed's cached run read its own dump, so its crops are online KD's crops of that seed.
     for seed in (1, 2):
-        record = json.loads((out / "runs" / f"{STUDENT}-cached-seed{seed}.json").read_text())
+        record = json.loads((out / "records" / f"{STUDENT}-cached-seed{seed}.json").read_text())
         assert record["cache"].endswith(f"-seed{seed}.h5")
     results = json.loads((out / "results.json").read_text())
     assert [r["views"] for r in results["views_sweep"]] == [1, 2]
@@ -59,7 +59,7 @@ def test_study_runs_every_part_and_resumes(tmp_path: Path) -> None:
     assert len(results["noise"]["cached_minus_online"]["top1"]) == 3
     assert (out / "accuracy_per_student.png").stat().st_size > 0
     assert (out / "accuracy_vs_views.png").stat().st_size > 0
-    assert len(list((out / "runs").glob("*.json"))) == 12  # teacher + 11 student runs
+    assert len(list((out / "records").glob("*.json"))) == 12  # teacher + 11 student runs
 
     again = run_study(config)
     assert "== " not in again.stderr  # nothing retrained, nothing re-dumped
