@@ -27,6 +27,7 @@ from pathlib import Path
 
 from kdcache.config import CropRanges, DumpConfig, OptimOptions, RunOptions, TrainConfig
 from kdcache.data import open_dataset
+from kdcache.errors import KdcacheError
 from kdcache.report import RichProgress
 from kdcache.teacher import dump
 from kdcache.train import fit
@@ -325,5 +326,8 @@ def plot(cfg: dict, out: Path, table: list, sweep: list, records: dict, noise: d
 
 if __name__ == "__main__":
     t0 = time.time()
-    main()
+    try:
+        main()
+    except KdcacheError as exc:  # bad data, cache or checkpoint: the message names it
+        sys.exit(f"study: {exc}")
     print(f"study took {time.time() - t0:.0f} s", file=sys.stderr)
