@@ -33,8 +33,8 @@ from kdcache.teacher import dump
 from kdcache.train import fit
 
 sys.path.insert(0, str(Path(__file__).parent))
-from make_subset import link_split  # noqa: E402
-from throughput import flops_per_image  # noqa: E402
+from make_subset import link_split
+from throughput import flops_per_image
 
 
 def prepare_data(cfg: dict, cache_dir: Path) -> str:
@@ -139,9 +139,10 @@ def main() -> None:
             train(f"{s}-online{suffix}", s, seed=seed, **online)
     if "views" in parts:
         s = cfg["sweep_student"]
-        for k in cfg["views_sweep"]:
-            train(f"{s}-cached" if k == views else f"{s}-cached-K{k}", s, cached=cache(k))
-        train(f"{s}-online", s, **online)
+        for seed in [0, *cfg.get("sweep_seeds", [])]:
+            for k in cfg["views_sweep"]:
+                train(sweep_key(s, k, seed, views), s, seed=seed, cached=cache(k, seed=seed))
+            train(f"{s}-online{'' if seed == 0 else f'-seed{seed}'}", s, seed=seed, **online)
     if "stores" in parts:
         s = cfg["sweep_student"]
         for store in cfg["stores"]:
@@ -151,10 +152,16 @@ def main() -> None:
     write_report(cfg, out, teacher, records, runs_dir, main_cache, classes)
 
 
+def sweep_key(student: str, k: int, seed: int, views: int) -> str:
+    """The run of the views sweep with K = k and `seed`; at the study's own K it is the
+    Table I run (seed 0) or the noise run (other seeds), so those are not trained twice."""
+    return f"{student}-cached{'' if k == views else f'-K{k}'}{'' if seed == 0 else f'-seed{seed}'}"
+
+
 def _flops(name: str, classes: int, size: int) -> tuple[float, float]:
     try:
         return flops_per_image(name, classes, size)
-    except Exception:  # a model the FLOP counter cannot trace: leave it blank
+    except Exception:  # noqa: BLE001 - a model the FLOP counter cannot trace: leave it blank
         return float("nan"), float("nan")
 
 
@@ -163,12 +170,13 @@ def write_report(cfg: dict, out: Path, teacher: dict, records: dict, runs_dir: P
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"# Study: {cfg['name']}", "",
              f"Command: `python benchmarks/study.py {cfg['config_path']}`", "",
-             f"Data: {cfg['data']['description']}; {cfg['img_size']} px; {cfg['epochs']} student epochs; "
+             (f"Data: {cfg['data']['description']}; {cfg['img_size']} px; {cfg['epochs']} student epochs; "
              f"K = {cfg['views']} cached views; optimizer {cfg['optim']}; alpha {cfg['alpha']}, T {cfg['temperature']}; "
-             f"crop scale {cfg['crop_scale']}.", "",
-             f"Teacher {cfg['teacher']}: top-1 {teacher['top1']:.2f} %, mAP {teacher['mAP']:.2f} % "
-             f"({cfg['teacher_epochs']} epochs).", ""]
-    lines += [*cfg.get("notes", []), ""] if cfg.get("notes") else []
+             f"crop scale {cfg['crop_scale']}."), "",
+             (f"Teacher {cfg['teacher']}: top-1 {teacher['top1']:.2f} %, mAP {teacher['mAP']:.2f} % "
+             f"({cfg['teacher_epochs']} epochs)."), ""]
+    for note in cfg.get("notes", []):
+        lines += [note, ""]
     table = []
     if all(f"{s}-plain" in records and f"{s}-cached" in records for s in cfg["students"]):
         lines += ["## Table I: plain vs cached KD", "",
@@ -187,8 +195,8 @@ def write_report(cfg: dict, out: Path, teacher: dict, records: dict, runs_dir: P
     keys = {(m, sd): f"{s}-{m}{'' if sd == 0 else f'-seed{sd}'}" for m in ("plain", "cached", "online") for sd in seeds}
     if all(k in records for k in keys.values()):
         noise_lines += ["", f"## Run-to-run noise ({s}, seeds {seeds})", "",
-                        "A seed sets the crops (the cached runs read a cache dumped with that seed), the student's "
-                        "initialisation and the batch order; cached and online KD of one seed see the same crops.", "",
+                        ("A seed sets the crops (the cached runs read a cache dumped with that seed), the student's "
+                        "initialisation and the batch order; cached and online KD of one seed see the same crops."), "",
                         "| mode | top-1 per seed | mean | std | mAP per seed | mean | std |",
                         "|---|---|---:|---:|---|---:|---:|"]
         for m in ("plain", "cached", "online"):
@@ -201,12 +209,15 @@ def write_report(cfg: dict, out: Path, teacher: dict, records: dict, runs_dir: P
         diffs = {metric: [records[keys["cached", sd]][metric] - records[keys["online", sd]][metric] for sd in seeds]
                  for metric in ("top1", "mAP")}
         noise["cached_minus_online"] = diffs
-        noise_lines += ["", "Cached minus online, seed by seed: top-1 "
-                        + ", ".join(f"{d:+.2f}" for d in diffs["top1"]) + f" (mean {statistics.mean(diffs['top1']):+.2f}); "
-                        "mAP " + ", ".join(f"{d:+.2f}" for d in diffs["mAP"]) + f" (mean {statistics.mean(diffs['mAP']):+.2f}). "
-                        "KD over plain, mean over seeds: cached "
-                        f"{statistics.mean(noise['cached']['top1']) - statistics.mean(noise['plain']['top1']):+.2f} top-1, "
-                        f"online {statistics.mean(noise['online']['top1']) - statistics.mean(noise['plain']['top1']):+.2f}."]
+        def listed(values: list[float]) -> str:
+            return f"{', '.join(f'{v:+.2f}' for v in values)} (mean {statistics.mean(values):+.2f})"
+
+        def gain(mode: str) -> float:
+            return statistics.mean(noise[mode]["top1"]) - statistics.mean(noise["plain"]["top1"])
+
+        noise_lines += ["", (f"Cached minus online, seed by seed: top-1 {listed(diffs['top1'])}; "
+                             f"mAP {listed(diffs['mAP'])}. KD over plain, mean over seeds: "
+                             f"cached {gain('cached'):+.2f} top-1, online {gain('online'):+.2f}.")]
     parity = [s for s in cfg["parity_students"] if f"{s}-online" in records]
     if parity:
         lines += ["", "## Parity: cached vs online KD (same seeds, crops and batches)", "",
@@ -222,25 +233,41 @@ def write_report(cfg: dict, out: Path, teacher: dict, records: dict, runs_dir: P
             spread = max(statistics.stdev(noise[m]["top1"]) for m in ("plain", "cached", "online"))
             gaps = [abs(records[f"{p}-cached"]["top1"] - records[f"{p}-online"]["top1"]) for p in parity]
             verdict = "within" if max(gaps) <= 2 * spread else "outside"
-            lines += ["", f"Largest cached-online top-1 gap: {max(gaps):.2f} points; largest seed-to-seed std of top-1 "
+            lines += ["", (f"Largest cached-online top-1 gap: {max(gaps):.2f} points; largest seed-to-seed std of top-1 "
                       f"(next section): {spread:.2f} points. The gap is {verdict} two standard deviations of the "
-                      "run-to-run noise."]
+                      "run-to-run noise.")]
     lines += noise_lines
     s = cfg["sweep_student"]
     sweep = []
+    sweep_seeds = [0, *cfg.get("sweep_seeds", [])]
+
+    def over_seeds(keys: list[str]) -> dict:
+        rs = [records[k] for k in keys if k in records]
+        t1, ap = [r["top1"] for r in rs], [r["mAP"] for r in rs]
+        return {"runs": len(rs), "top1_per_seed": t1, "mAP_per_seed": ap, "top1": statistics.mean(t1),
+                "mAP": statistics.mean(ap), "top1_std": statistics.stdev(t1) if len(t1) > 1 else float("nan")}
+
+    def sweep_row(label: str, r: dict, size: str) -> str:
+        std = "" if r["runs"] < 2 else f"{r['top1_std']:.2f}"
+        return (f"| {label} | {', '.join(f'{v:.2f}' for v in r['top1_per_seed'])} | {r['top1']:.2f} | {std} | "
+                f"{r['mAP']:.2f} | {size} |")
+
     for k in cfg["views_sweep"]:
-        key = f"{s}-cached" if k == cfg["views"] else f"{s}-cached-K{k}"
-        if key in records:
+        keys = [sweep_key(s, k, sd, cfg["views"]) for sd in sweep_seeds]
+        if any(key in records for key in keys):
             path = runs_dir / f"teacher-K{k}-fp16.h5"
-            sweep.append({"views": k, "top1": records[key]["top1"], "mAP": records[key]["mAP"],
+            sweep.append({"views": k, **over_seeds(keys),
                           "file_mib": path.stat().st_size / 2**20 if path.exists() else float("nan")})
+    online_keys = [f"{s}-online{'' if sd == 0 else f'-seed{sd}'}" for sd in sweep_seeds]
+    sweep_online = over_seeds(online_keys) if any(k in records for k in online_keys) else None
     if sweep:
-        lines += ["", f"## How many cached views? ({s}, {cfg['epochs']} epochs; epoch e uses view e mod K)", "",
-                  "| K | top-1 | mAP | cache size (fp16) |", "|---:|---:|---:|---:|"]
-        lines += [f"| {r['views']} | {r['top1']:.2f} | {r['mAP']:.2f} | {r['file_mib']:.2f} MiB |" for r in sweep]
-        if f"{s}-online" in records:
-            o = records[f"{s}-online"]
-            lines.append(f"| online (fresh crops every epoch) | {o['top1']:.2f} | {o['mAP']:.2f} | none |")
+        lines += ["", (f"## How many cached views? ({s}, {cfg['epochs']} epochs; epoch e uses view e mod K; "
+                  f"seeds {sweep_seeds})"), "",
+                  "Each seed's runs read caches dumped with that seed.", "",
+                  "| K | top-1 per seed | mean | std | mAP mean | cache size (fp16) |", "|---:|---|---:|---:|---:|---:|"]
+        lines += [sweep_row(str(r["views"]), r, f"{r['file_mib']:.2f} MiB") for r in sweep]
+        if sweep_online:
+            lines.append(sweep_row("online (fresh crops every epoch)", sweep_online, "none"))
     stores = []
     for store in ["fp16", *cfg["stores"]]:
         key = f"{s}-cached" if store == "fp16" else f"{s}-cached-{store.replace(':', '')}"
@@ -271,19 +298,20 @@ def write_report(cfg: dict, out: Path, teacher: dict, records: dict, runs_dir: P
                          f"{d['records_per_second']:.0f} | {d['teacher_view_top1']:.2f} | "
                          f"{d['file_bytes'] / 2**20:.2f} MiB |")
     missing = [name for name, done in (("Table I", bool(table)), ("parity", bool(parity)), ("noise", bool(noise)),
-                                       ("views sweep", len(sweep) == len(cfg["views_sweep"])),
+                                       ("views sweep", len(sweep) == len(cfg["views_sweep"])
+                                        and all(r["runs"] == len(sweep_seeds) for r in sweep)),
                                        ("compression", len(stores) == 1 + len(cfg["stores"]))) if not done]
     if missing:
         lines[1:1] = ["", f"**Partial.** Not run yet: {', '.join(missing)}."]
     (out / "report.md").write_text("\n".join(lines) + "\n")
-    (out / "results.json").write_text(json.dumps({"config": cfg, "teacher": teacher, "table": table, "noise": noise,
-                                                  "views_sweep": sweep, "stores": stores, "runs": records},
-                                                 indent=2) + "\n")
-    plot(cfg, out, table, sweep, records, noise)
+    results = {"config": cfg, "teacher": teacher, "table": table, "noise": noise, "views_sweep": sweep,
+               "views_sweep_online": sweep_online, "stores": stores, "runs": records}
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot(cfg, out, table, sweep, records, sweep_online)
     print((out / "report.md").read_text())
 
 
-def plot(cfg: dict, out: Path, table: list, sweep: list, records: dict, noise: dict) -> None:
+def plot(cfg: dict, out: Path, table: list, sweep: list, records: dict, online: dict | None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -307,14 +335,14 @@ def plot(cfg: dict, out: Path, table: list, sweep: list, records: dict, noise: d
         fig.savefig(out / "accuracy_per_student.png")
     if sweep:
         fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
-        ax.plot([r["views"] for r in sweep], [r["top1"] for r in sweep], "o-", label="cached KD")
-        online = records.get(f"{cfg['sweep_student']}-online")
+        ax.errorbar([r["views"] for r in sweep], [r["top1"] for r in sweep],
+                    yerr=[0 if r["runs"] < 2 else r["top1_std"] for r in sweep], fmt="o-", capsize=3,
+                    label="cached KD (mean ± std over seeds)" if cfg.get("sweep_seeds") else "cached KD")
         if online:
             ax.axhline(online["top1"], color="#d9822b", ls="--", label="online KD")
-            if noise.get("online") and cfg["noise_student"] == cfg["sweep_student"]:
-                spread = statistics.stdev(noise["online"]["top1"])
-                ax.axhspan(online["top1"] - spread, online["top1"] + spread, color="#d9822b", alpha=0.15,
-                           label="online KD ± 1 std over seeds")
+            if online["runs"] > 1:
+                ax.axhspan(online["top1"] - online["top1_std"], online["top1"] + online["top1_std"],
+                           color="#d9822b", alpha=0.15, label="online KD ± 1 std over seeds")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("cached views per image (K)")
         ax.set_ylabel("top-1 %")
