@@ -216,6 +216,12 @@ def plain_attr(value: object) -> object:
     return value
 
 
+def settings_mismatch(found: dict, wanted: dict) -> str:
+    """The first three settings of `wanted` that `found` differs in, worded; '' when none does."""
+    diff = [k for k in wanted if found.get(k) != wanted[k]]
+    return ", ".join(f"{k}: {found.get(k)!r} in the file, {wanted[k]!r} now" for k in diff[:3])
+
+
 def _info_from_attrs(attrs: h5py.AttributeManager, path: Path) -> CacheInfo:
     values = {}
     for f in fields(CacheInfo):
@@ -346,10 +352,9 @@ class CacheWriter:
         wanted = self.info.settings()
         found.update({k: plain_attr(h5.attrs.get(k)) for k in self.extra_attrs})
         wanted.update(self.extra_attrs)
-        diff = [k for k in wanted if found.get(k) != wanted[k]]
-        if diff:
+        detail = settings_mismatch(found, wanted)
+        if detail:
             h5.close()
-            detail = ", ".join(f"{k}: {found.get(k)!r} in the file, {wanted[k]!r} now" for k in diff[:3])
             raise CacheError(f"{self.partial} was started with different settings ({detail}); "
                              "re-run the original command to resume it, or pass --force to start over")
         _check_layout(h5, self.info, self.partial)
@@ -436,8 +441,7 @@ class CacheReader:
             self.sample_ids = h5["sample_ids"][:]
             self.labels = h5["labels"][:]
             self.content_hashes = h5["content_hashes"][:]
-            self.attrs = {k: (v.tolist() if isinstance(v, (np.ndarray, np.generic)) else v)
-                          for k, v in h5.attrs.items()}
+            self.attrs = {k: plain_attr(v) for k, v in h5.attrs.items()}
         self.target_names = tuple(_target_layout(self.info))
         size = os.path.getsize(self.path)
         self.preload = size <= PRELOAD_LIMIT_BYTES if preload is None else preload

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache import CacheInfo, CacheReader, CacheWriter, plain_attr, record_bytes
+from .cache import CacheInfo, CacheReader, CacheWriter, record_bytes, settings_mismatch
 from .errors import CacheError
 from .report import Progress
 
@@ -53,11 +53,9 @@ def check_part(path: Path, info: CacheInfo, rank: int, world_size: int, sample_i
     """A complete part file, checked against the dump it should belong to."""
     reader = CacheReader(path, preload=False)
     found = reader.info.settings()
-    found.update({k: plain_attr(reader.attrs.get(k)) for k in ("part_rank", "part_world_size")})
-    wanted = {**info.settings(), **part_attrs(rank, world_size)}
-    diff = [k for k in wanted if found.get(k) != wanted[k]]
-    if diff:
-        detail = ", ".join(f"{k}: {found.get(k)!r} in the file, {wanted[k]!r} now" for k in diff[:3])
+    found.update({k: reader.attrs.get(k) for k in ("part_rank", "part_world_size")})
+    detail = settings_mismatch(found, {**info.settings(), **part_attrs(rank, world_size)})
+    if detail:
         raise CacheError(f"{path} belongs to a dump with different settings ({detail}); re-run the original "
                          "command, or delete the part files to start over")
     if not np.array_equal(reader.sample_ids, sample_ids):
