@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kdcache.audit import kl_per_record, softmax
 from kdcache.cache import CacheReader, compress_logits, expand_logits, record_bytes
 
 STORES = ["fp32", "fp16", "topk:10", "topk:5", "topk:2", "topk:1"]
@@ -35,16 +36,8 @@ PER_IMAGE_BYTES = 8 + 8 + 8 + 1
 SCALES = {"paper (4,000 x 15 x 40)": (4000, 15, 40), "ImageNet (1.28 M x 100 x 1000)": (1_281_167, 100, 1000)}
 
 
-def softmax(z: np.ndarray, t: float) -> np.ndarray:
-    z = z.astype(np.float64) / t
-    z -= z.max(-1, keepdims=True)
-    p = np.exp(z)
-    return p / p.sum(-1, keepdims=True)
-
-
 def mean_kl(full: np.ndarray, approx: np.ndarray, t: float) -> float:
-    p, q = softmax(full, t), softmax(approx, t)
-    return float(np.mean(np.sum(p * (np.log(np.clip(p, 1e-300, None)) - np.log(np.clip(q, 1e-300, None))), -1)))
+    return float(np.mean(kl_per_record(full, approx, t)))
 
 
 def measure(logits: np.ndarray, info, temperature: float) -> list[dict]:
@@ -79,7 +72,7 @@ def main() -> None:
 
     synthetic_logits = rng.normal(0, 2.0, size=(20_000, 1000)).astype(np.float32)
     synthetic_logits[np.arange(20_000), rng.integers(0, 1000, 20_000)] += 10.0
-    p = softmax(synthetic_logits, 1.0)
+    p = softmax(synthetic_logits.astype(np.float64))
     synthetic = measure(synthetic_logits, info, args.temperature)
     synthetic_stats = {"confidence": float(p.max(-1).mean()),
                        "entropy": float(-(p * np.log(np.clip(p, 1e-300, None))).sum(-1).mean())}

@@ -16,17 +16,18 @@ from .train import check_cache_fits, resolve_device
 STATS_ROWS = 50_000  # per-view statistics use at most this many rows (a fixed sample)
 
 
-def _softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Row-wise softmax of `logits` / `temperature`, in the dtype of `logits`."""
     z = logits / temperature
     z = z - z.max(axis=-1, keepdims=True)
     p = np.exp(z)
     return p / p.sum(axis=-1, keepdims=True)
 
 
-def _kl(p_logits: np.ndarray, q_logits: np.ndarray, temperature: float) -> np.ndarray:
+def kl_per_record(p_logits: np.ndarray, q_logits: np.ndarray, temperature: float) -> np.ndarray:
     """KL(softmax(p/T) || softmax(q/T)) per row."""
-    p = _softmax(p_logits.astype(np.float64), temperature)
-    q = _softmax(q_logits.astype(np.float64), temperature)
+    p = softmax(p_logits.astype(np.float64), temperature)
+    q = softmax(q_logits.astype(np.float64), temperature)
     return np.sum(p * (np.log(np.clip(p, 1e-300, None)) - np.log(np.clip(q, 1e-300, None))), axis=-1)
 
 
@@ -39,7 +40,7 @@ def inspect_cache(path: str) -> dict:
     per_view = []
     for view in range(info.num_views):
         logits = reader.read(rows, view)[2]
-        probs = _softmax(logits)
+        probs = softmax(logits)
         per_view.append({
             "view": view,
             "top1": float(100.0 * np.mean(logits.argmax(1) == reader.labels[rows])),
@@ -135,7 +136,7 @@ def verify_cache(path: str, data: str, teacher: str, checkpoint: str | None, sam
         if rel[i] > worst_rel:
             worst_rel, worst_at = float(rel[i]), f"{train.describe(int(r[i]))} view {int(v[i])}"
         worst_abs = max(worst_abs, float(diff.max()))
-        kls.extend(_kl(live, cached_arr, temperature).tolist())
+        kls.extend(kl_per_record(live, cached_arr, temperature).tolist())
         progress.update(len(r))
     progress.stop()
     reader.close()
