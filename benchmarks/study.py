@@ -99,7 +99,7 @@ def main() -> None:
         return done
 
     def cache(views: int, store: str = "fp16", seed: int = 0) -> str:
-        path = runs_dir / f"teacher-K{views}-{store.replace(':', '')}{f'-seed{seed}' if seed else ''}.h5"
+        path = cache_path(runs_dir, views, store, seed)
         if not path.exists():
             print(f"== dump K={views} {store} seed {seed}", file=sys.stderr)
             result = dump(DumpConfig(teacher=cfg["teacher"], checkpoint=str(teacher_ckpt), out=str(path),
@@ -131,31 +131,49 @@ def main() -> None:
     if "noise" in parts:
         s = cfg["noise_student"]
         for seed in [0, *cfg["noise_seeds"]]:
-            suffix = "" if seed == 0 else f"-seed{seed}"
-            train(f"{s}-plain{suffix}", s, seed=seed)
+            train(run_key(s, "plain", seed), s, seed=seed)
             # A seed is the whole run's: the dump's crops as well as the student's
             # init and batch order, so cached and online KD see the same crops.
-            train(f"{s}-cached{suffix}", s, seed=seed, cached=cache(views, seed=seed))
-            train(f"{s}-online{suffix}", s, seed=seed, **online)
+            train(run_key(s, "cached", seed), s, seed=seed, cached=cache(views, seed=seed))
+            train(run_key(s, "online", seed), s, seed=seed, **online)
     if "views" in parts:
         s = cfg["sweep_student"]
         for seed in [0, *cfg.get("sweep_seeds", [])]:
             for k in cfg["views_sweep"]:
                 train(sweep_key(s, k, seed, views), s, seed=seed, cached=cache(k, seed=seed))
-            train(f"{s}-online{'' if seed == 0 else f'-seed{seed}'}", s, seed=seed, **online)
+            train(run_key(s, "online", seed), s, seed=seed, **online)
     if "stores" in parts:
         s = cfg["sweep_student"]
         for store in cfg["stores"]:
-            train(f"{s}-cached-{store.replace(':', '')}", s, cached=cache(views, store))
+            train(store_key(s, store), s, cached=cache(views, store))
 
     classes = open_dataset(data, "train").num_classes
-    write_report(cfg, out, teacher, records, runs_dir, main_cache, classes)
+    write_report(cfg, out, teacher, records, runs_dir, classes)
+
+
+def _seed_tag(seed: int) -> str:
+    return "" if seed == 0 else f"-seed{seed}"
+
+
+def run_key(student: str, mode: str, seed: int = 0, tag: str = "") -> str:
+    """A run's folder under the runs folder, and its key in the report: STUDENT-MODE[-TAG][-seedN]."""
+    return f"{student}-{mode}{f'-{tag}' if tag else ''}{_seed_tag(seed)}"
 
 
 def sweep_key(student: str, k: int, seed: int, views: int) -> str:
     """The run of the views sweep with K = k and `seed`; at the study's own K it is the
     Table I run (seed 0) or the noise run (other seeds), so those are not trained twice."""
-    return f"{student}-cached{'' if k == views else f'-K{k}'}{'' if seed == 0 else f'-seed{seed}'}"
+    return run_key(student, "cached", seed, "" if k == views else f"K{k}")
+
+
+def store_key(student: str, store: str) -> str:
+    """The cached run of the compression sweep from a `store` cache (fp16: the Table I run)."""
+    return run_key(student, "cached", tag="" if store == "fp16" else store.replace(":", ""))
+
+
+def cache_path(runs_dir: Path, views: int, store: str = "fp16", seed: int = 0) -> Path:
+    """The study's cache of K = `views`, `store` and dump `seed`."""
+    return runs_dir / f"teacher-K{views}-{store.replace(':', '')}{_seed_tag(seed)}.h5"
 
 
 def _flops(name: str, classes: int, size: int) -> tuple[float, float]:
@@ -165,8 +183,7 @@ def _flops(name: str, classes: int, size: int) -> tuple[float, float]:
         return float("nan"), float("nan")
 
 
-def write_report(cfg: dict, out: Path, teacher: dict, records: dict, runs_dir: Path, main_cache: str,
-                 classes: int) -> None:
+def write_report(cfg: dict, out: Path, teacher: dict, records: dict, runs_dir: Path, classes: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"# Study: {cfg['name']}", "",
              f"Command: `python benchmarks/study.py {cfg['config_path']}`", "",
@@ -192,7 +209,7 @@ def write_report(cfg: dict, out: Path, teacher: dict, records: dict, runs_dir: P
     seeds = [0, *cfg["noise_seeds"]]
     noise = {}
     noise_lines = []
-    keys = {(m, sd): f"{s}-{m}{'' if sd == 0 else f'-seed{sd}'}" for m in ("plain", "cached", "online") for sd in seeds}
+    keys = {(m, sd): run_key(s, m, sd) for m in ("plain", "cached", "online") for sd in seeds}
     if all(k in records for k in keys.values()):
         noise_lines += ["", f"## Run-to-run noise ({s}, seeds {seeds})", "",
                         ("A seed sets the crops (the cached runs read a cache dumped with that seed), the student's "
@@ -255,10 +272,10 @@ def write_report(cfg: dict, out: Path, teacher: dict, records: dict, runs_dir: P
     for k in cfg["views_sweep"]:
         keys = [sweep_key(s, k, sd, cfg["views"]) for sd in sweep_seeds]
         if any(key in records for key in keys):
-            path = runs_dir / f"teacher-K{k}-fp16.h5"
+            path = cache_path(runs_dir, k)
             sweep.append({"views": k, **over_seeds(keys),
                           "file_mib": path.stat().st_size / 2**20 if path.exists() else float("nan")})
-    online_keys = [f"{s}-online{'' if sd == 0 else f'-seed{sd}'}" for sd in sweep_seeds]
+    online_keys = [run_key(s, "online", sd) for sd in sweep_seeds]
     sweep_online = over_seeds(online_keys) if any(k in records for k in online_keys) else None
     if sweep:
         lines += ["", (f"## How many cached views? ({s}, {cfg['epochs']} epochs; epoch e uses view e mod K; "
@@ -270,8 +287,7 @@ def write_report(cfg: dict, out: Path, teacher: dict, records: dict, runs_dir: P
             lines.append(sweep_row("online (fresh crops every epoch)", sweep_online, "none"))
     stores = []
     for store in ["fp16", *cfg["stores"]]:
-        key = f"{s}-cached" if store == "fp16" else f"{s}-cached-{store.replace(':', '')}"
-        path = Path(main_cache) if store == "fp16" else runs_dir / f"teacher-K{cfg['views']}-{store.replace(':', '')}.h5"
+        key, path = store_key(s, store), cache_path(runs_dir, cfg["views"], store)
         if key in records and path.exists():
             stores.append({"store": store, "top1": records[key]["top1"], "mAP": records[key]["mAP"],
                            "file_mib": path.stat().st_size / 2**20})
