@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -53,6 +54,15 @@ def make_stanford40(root: Path, actions: tuple[str, ...] = ("applauding", "climb
     (splits / "train.txt").write_text("\n".join(all_train) + "\n")
     (splits / "test.txt").write_text("\n".join(all_test) + "\n")
     return root
+
+
+def rows_done(partial: Path) -> int:
+    """Rows a (partial) dump file has marked done; 0 while it is not created yet or caught mid-write."""
+    try:
+        with h5py.File(partial, "r", locking=False) as h5:
+            return int(h5["done"][:].sum())
+    except (OSError, KeyError):
+        return 0
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import STUDENT, TEACHER
+from conftest import STUDENT, TEACHER, rows_done
 from kdcache.cache import CacheReader
 from kdcache.config import CropRanges, DumpConfig, OptimOptions, RunOptions, TrainConfig
 from kdcache.data import open_dataset
@@ -114,14 +114,6 @@ def _worker_pids(parent: int) -> dict[int, int]:
     return found
 
 
-def _rows_done(path: Path) -> int:
-    try:
-        with h5py.File(path, "r", locking=False) as h5:
-            return int(h5["done"][:].sum())
-    except (OSError, KeyError):
-        return 0
-
-
 def test_a_dead_rank_leaves_a_resumable_dump(tmp_path: Path, digits_teacher: str, one_process_cache: Path) -> None:
     out = tmp_path / "c.h5"
     args = dump_args(out, digits_teacher)
@@ -129,14 +121,14 @@ def test_a_dead_rank_leaves_a_resumable_dump(tmp_path: Path, digits_teacher: str
     proc = torchrun(args, tmp_path / "logs1")
     part1 = tmp_path / "c.h5.rank1-of-2.partial"
     deadline = time.time() + 120
-    while _rows_done(part1) < 30 and proc.poll() is None and time.time() < deadline:
+    while rows_done(part1) < 30 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     pids = _worker_pids(proc.pid)
     assert 1 in pids and proc.poll() is None, "rank 1 finished before it could be killed"
     os.kill(pids[1], signal.SIGKILL)
     proc.communicate(timeout=60)
     assert proc.returncode != 0 and not out.exists()
-    assert 0 < _rows_done(part1) < 674
+    assert 0 < rows_done(part1) < 674
 
     run_ok(dump_args(out, digits_teacher), tmp_path / "logs2")
     assert "resuming a 2-process dump" in rank_output(tmp_path / "logs2", 0)

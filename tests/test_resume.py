@@ -14,21 +14,13 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import TEACHER
+from conftest import TEACHER, rows_done
 
 
 def dump_command(out: Path, checkpoint: str, seed: int = 0) -> list[str]:
     return [sys.executable, "-m", "kdcache", "dump-teacher", "--teacher", TEACHER, "--checkpoint", checkpoint,
             "--views", "4", "--store", "fp32", "--img-size", "32", "--device", "cpu", "--workers", "0",
             "--batch-size", "8", "--seed", str(seed), "--out", str(out)]
-
-
-def rows_done(partial: Path) -> int:
-    try:
-        with h5py.File(partial, "r", locking=False) as h5:
-            return int(h5["done"][:].sum())
-    except (OSError, KeyError):  # not created yet, or caught mid-write
-        return 0
 
 
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path: Path, digits_teacher: str) -> None:
