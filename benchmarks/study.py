@@ -70,7 +70,10 @@ def main() -> None:
     parser.add_argument("--only", choices=["table", "parity", "noise", "views", "stores"], nargs="*",
                         help="run only these parts (default: all)")
     args = parser.parse_args()
-    cfg = json.loads(Path(args.config).read_text())
+    try:
+        cfg = json.loads(Path(args.config).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        parser.error(f"cannot read the config {args.config}: {e}")
     cfg["config_path"] = args.config
     name = cfg["name"]
     out = Path(cfg.get("out", f"benchmarks/results/study-{name}"))
