@@ -1,0 +1,54 @@
+"""Caches written by an older kdcache stay readable: golden files of each format version.
+
+The files in tests/data/ were written once by the version named in
+make_golden_v1.py and are committed. A change to the format that breaks them
+fails here, not on a user's disk.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kdcache.cache import CacheReader
+
+DATA = Path(__file__).resolve().parent / "data"
+_spec = importlib.util.spec_from_file_location("make_golden_v1", DATA / "make_golden_v1.py")
+golden = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(golden)
+
+
+@pytest.mark.parametrize("store", sorted(golden.STORES))
+def test_golden_v1_cache_reads_with_todays_reader(store: str) -> None:
+    expected = golden.golden_values()
+    reader = CacheReader(DATA / golden.STORES[store])
+    assert reader.attrs["format_version"] == 1
+    assert reader.info == golden.golden_info(store)
+    np.testing.assert_array_equal(reader.sample_ids, expected["sample_ids"])
+    np.testing.assert_array_equal(reader.labels, expected["labels"])
+    np.testing.assert_array_equal(reader.content_hashes, expected["content_hashes"])
+    rows = np.array([4, 0, 2])  # unsorted on purpose: the reader must return them in the order asked
+    for view in range(golden.K):
+        boxes, flips, logits = reader.read(rows, view)
+        np.testing.assert_array_equal(boxes, expected["crops"][rows, view])
+        np.testing.assert_array_equal(flips, expected["flips"][rows, view].astype(bool))
+        want = expected["logits"][rows, view]
+        if store == "fp32":
+            np.testing.assert_array_equal(logits, want)
+        elif store == "fp16":
+            np.testing.assert_array_equal(logits, want.astype(np.float16).astype(np.float32))
+        else:  # top-2: the two largest logits (fp16) keep their classes; the tail is flat
+            top = np.argsort(-want, axis=1)[:, :2]
+            np.testing.assert_array_equal(np.argsort(-logits, axis=1)[:, :2], top)
+            np.testing.assert_allclose(np.take_along_axis(logits, top, 1), np.take_along_axis(want, top, 1),
+                                       rtol=1e-3, atol=1e-3)
+            probs = np.exp(logits - logits.max(1, keepdims=True))
+            probs /= probs.sum(1, keepdims=True)
+            full = np.exp(want - want.max(1, keepdims=True))
+            full /= full.sum(1, keepdims=True)
+            np.testing.assert_allclose(np.take_along_axis(probs, top, 1), np.take_along_axis(full, top, 1),
+                                       rtol=2e-3, atol=1e-4)
+    reader.close()
