@@ -79,13 +79,13 @@ def main() -> None:
     out = Path(cfg.get("out", f"benchmarks/results/study-{name}"))
     runs_dir = Path(cfg.get("runs", f"runs/study-{name}"))
     parts = set(args.only or ["table", "parity", "noise", "views", "stores"])
-    data = prepare_data(cfg["data"], Path(args.cache_dir))
-    progress = RichProgress()
-    crops = CropRanges(scale=tuple(cfg["crop_scale"]), hflip=cfg.get("hflip", 0.5))
     try:
         optim, teacher_optim = optims(cfg)
     except TypeError as e:  # a key OptimOptions does not have
         parser.error(f"{args.config}: \"optim\" or \"teacher_optim\": {e}")
+    data = prepare_data(cfg["data"], Path(args.cache_dir))
+    progress = RichProgress()
+    crops = CropRanges(scale=tuple(cfg["crop_scale"]), hflip=cfg.get("hflip", 0.5))
     # A CPU study keeps the library defaults; a GPU one (study_stanford40.json) sets these.
     hardware = {k: cfg[k] for k in ("workers", "device", "amp") if k in cfg}
     base_run = RunOptions(data=data, img_size=cfg["img_size"], batch_size=cfg["batch_size"], seed=0, **hardware)
