@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from torch.utils.data import DataLoader, Dataset
 
-from kdcache.cache import CacheInfo, CacheReader, CacheWriter, expand_logits, compress_logits, record_bytes
+from kdcache.cache import CacheInfo, CacheReader, CacheWriter, record_bytes, store_codec
 from kdcache.errors import CacheError
 
 N, K, C = 23, 3, 10
@@ -26,7 +26,9 @@ def info(store: str = "fp32", **over) -> CacheInfo:
 
 def fake_records(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return (rng.random((N, K, 4), dtype=np.float32), rng.random((N, K)) < 0.5,
+    top_left = rng.uniform(0.0, 0.5, (N, K, 2))
+    size = rng.uniform(0.1, 0.5, (N, K, 2))
+    return (np.concatenate([top_left, size], axis=-1).astype(np.float32), rng.random((N, K)) < 0.5,
             (rng.normal(0, 3, (N, K, C))).astype(np.float32))
 
 
@@ -81,7 +83,8 @@ def test_record_bytes() -> None:
 
 def test_topk_expand_matches_compress_order() -> None:
     logits = np.array([[[5.0, 1.0, 3.0, -2.0]]], dtype=np.float32)
-    full = expand_logits(compress_logits(logits, "topk:2"), 4)
+    codec = store_codec("topk:2")
+    full = codec.decode(codec.encode(logits), 4)
     assert full[0, 0, 0] == pytest.approx(5.0, abs=1e-2) and full[0, 0, 2] == pytest.approx(3.0, abs=1e-2)
     assert full[0, 0, 1] == pytest.approx(full[0, 0, 3])
 
