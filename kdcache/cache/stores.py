@@ -52,9 +52,11 @@ class StoreCodec:
 
     def _cast(self, values: np.ndarray, dtype: np.dtype) -> np.ndarray:
         """`values` as the stored float type, refusing values that overflow it (fp16 tops out at 65504)."""
-        out = values.astype(dtype)
-        if not np.isfinite(out).all():
-            raise CacheError(f"a teacher logit of magnitude {float(np.abs(values).max()):.3g} does not fit --store "
+        with np.errstate(over="ignore"):
+            out = values.astype(dtype)
+        overflow = ~np.isfinite(out) & np.isfinite(values)  # NaN and Inf in `values` are the record checks' to name
+        if overflow.any():
+            raise CacheError(f"a teacher logit of {float(values[overflow].flat[0]):.3g} does not fit --store "
                              f"{self.store}; use --store fp32")
         return out
 

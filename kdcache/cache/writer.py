@@ -159,9 +159,11 @@ class CacheWriter:
 
     def _resume(self) -> h5py.File:
         try:
+            if self.partial.stat().st_size == 0:
+                raise OSError("the file is empty")  # HDF5 would open it as a new file
             h5 = h5py.File(self.partial, "r+")
         except H5_ERRORS as e:
-            why = "the file is empty" if self.partial.stat().st_size == 0 else detail(e)
+            why = str(e) if self.partial.stat().st_size == 0 else detail(e)
             raise CacheError(f"{self.partial} is not a readable partial dump ({why}); delete it (or pass --force) to "
                              "start over") from None
         try:
@@ -188,16 +190,21 @@ class CacheWriter:
         return h5
 
     def _read_done(self) -> np.ndarray:
-        try:
+        for attempt in range(2):
             try:
-                return self._datasets["done"][:].astype(bool)
-            except OSError as e:
-                if CHECKSUM_FAILED not in str(e) or not self._mend_torn_chunks("done", 0, self.info.num_samples):
-                    raise
-                return self._datasets["done"][:].astype(bool)
-        except H5_ERRORS as e:
-            raise CacheError(f"{self.partial}: cannot read dataset 'done' ({detail(e)}); delete it (or pass --force) "
-                             "to start over") from None
+                done = self._datasets["done"][:]
+                break
+            except H5_ERRORS as e:
+                why = detail(e)
+                torn = CHECKSUM_FAILED in str(e)
+            # Mended outside the except clause: its traceback holds the old handle, which must close first.
+            if not torn or attempt or not self._mend_torn_chunks("done", 0, self.info.num_samples):
+                raise CacheError(f"{self.partial}: cannot read dataset 'done' ({why}); delete it (or pass --force) "
+                                 "to start over")
+        if (done > 1).any():
+            raise CacheError(f"{self.partial}: dataset 'done' holds values other than 0 and 1; delete it (or pass "
+                             "--force) to start over")
+        return done.astype(bool)
 
     def _mend_torn_chunks(self, name: str, lo: int, hi: int) -> bool:
         """Drop the stale checksum of chunks of rows ``[lo, hi)`` of `name` that fail it; True if there were any.
@@ -257,18 +264,17 @@ class CacheWriter:
                 raise CacheError(f"refusing to write row {int(rows[r])} view {int(v)} to {self.partial}: {what}")
         lo, hi = int(rows[0]), int(rows[-1]) + 1
         where = slice(lo, hi) if hi - lo == len(rows) else rows
-        try:
+        for attempt in range(2):
             try:
                 self._put(where, arrays)
-            except OSError as e:
-                torn = CHECKSUM_FAILED in str(e) and any([self._mend_torn_chunks(name, lo, hi)
-                                                           for name in [*arrays, "done"]])
-                if not torn:
-                    raise
-                self._put(where, arrays)  # once more, now that the chunks a killed dump tore are whole
-        except (OSError, RuntimeError) as e:  # h5py reports a failed flush as RuntimeError
-            raise CacheError(f"writing {self.partial} failed: {detail(e)}; fix that and re-run the same "
-                             "command to resume") from None
+                break
+            except (OSError, RuntimeError) as e:  # h5py reports a failed flush as RuntimeError
+                why = detail(e)
+                torn = CHECKSUM_FAILED in str(e)
+            # Mended outside the except clause: its traceback holds the old handles, which must close first.
+            if not torn or attempt or not any([self._mend_torn_chunks(name, lo, hi) for name in [*arrays, "done"]]):
+                raise CacheError(f"writing {self.partial} failed: {why}; fix that and re-run the same command to "
+                                 "resume")
         self._done[rows] = True
 
     def _put(self, where: slice | np.ndarray, arrays: dict[str, np.ndarray]) -> None:
