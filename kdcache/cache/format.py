@@ -35,8 +35,8 @@ Teacher targets, by ``store`` (one codec each, see :mod:`kdcache.cache.stores`):
 
 Every dataset is chunked along N only (whole images, all views), with chunks
 of about 64 KiB, and allocated when the file is created, so later writes touch
-raw data only and a killed dump leaves readable metadata. Files written since
-kdcache 0.2 add HDF5's fletcher32 filter to every dataset: each chunk carries a
+raw data only and a killed dump leaves readable metadata. Files written after
+kdcache 0.1.0 add HDF5's fletcher32 filter to every dataset: each chunk carries a
 checksum that HDF5 checks on every read, so bit rot is caught when a chunk is
 read, not only by ``verify``. Files without the filter still read.
 
@@ -65,7 +65,7 @@ Versions
 --------
 A reader of version 1 reads every file that says ``format_version`` 1. The
 fletcher32 filter and an optional attribute with a default keep that promise: a
-v1 reader of kdcache 0.1 reads both. A change that an older reader cannot read
+v1 reader of kdcache 0.1.0 reads both (checked). A change that an older reader cannot read
 (a new required dataset or attribute, another meaning of an existing one) bumps
 ``FORMAT_VERSION`` and adds a golden file of the new version to tests/data.
 
