@@ -38,7 +38,10 @@ of about 64 KiB, and allocated when the file is created, so later writes touch
 raw data only and a killed dump leaves readable metadata. Files written after
 kdcache 0.1.0 add HDF5's fletcher32 filter to every dataset: each chunk carries a
 checksum that HDF5 checks on every read, so bit rot is caught when a chunk is
-read, not only by ``verify``. Files without the filter still read.
+read, not only by ``verify``. HDF5 then writes every chunk (zeros and their
+checksum) when it allocates it, so creating a cache writes its whole size once
+(0.4 s per 800 MB here) and a disk that is too small fails at the start. Files
+without the filter still read.
 
 Root attributes
 ---------------

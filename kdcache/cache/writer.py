@@ -9,7 +9,9 @@ import json
 import os
 import socket
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import h5py
 import numpy as np
@@ -147,14 +149,17 @@ class CacheWriter:
             # Only now is there an OUT.partial, and it has everything a resume needs: a dump killed
             # earlier leaves at most a temporary, which the next run deletes.
             os.replace(temporary, self.partial)
-        except (OSError, RuntimeError) as e:
-            if h5 is not None:
-                try:
-                    h5.close()
-                except H5_ERRORS:
-                    pass
+        except (OSError, ValueError, RuntimeError) as e:  # h5py words some of HDF5's I/O failures as ValueError
+            why = detail(e)
+            with _quiet_release():
+                if h5 is not None:
+                    try:
+                        h5.close()
+                    except H5_ERRORS:
+                        pass
+                h5 = e = None  # released here, where a failing write-back is not news
             temporary.unlink(missing_ok=True)  # it holds no teacher output yet: nothing to resume
-            raise CacheError(f"cannot create {self.partial}: {detail(e)}") from None
+            raise CacheError(f"cannot create {self.partial}: {why}") from None
         return h5
 
     def _resume(self) -> h5py.File:
@@ -301,13 +306,21 @@ class CacheWriter:
 
     def close(self) -> None:
         """Close the file; after a failed write, closing may fail too, and that is not news."""
-        hook = sys.unraisablehook
-        sys.unraisablehook = lambda _: None  # h5py reports failed write-backs of released handles here
-        try:
-            self._datasets.clear()
-            if self.h5.id.valid:
-                self.h5.close()
-        except (OSError, RuntimeError):
-            pass
-        finally:
-            sys.unraisablehook = hook
+        with _quiet_release():
+            try:
+                self._datasets.clear()
+                if self.h5.id.valid:
+                    self.h5.close()
+            except (OSError, RuntimeError):
+                pass
+
+
+@contextmanager
+def _quiet_release() -> Iterator[None]:
+    """Silence h5py's reports of failed write-backs of handles released in the block (after a failed write)."""
+    hook = sys.unraisablehook
+    sys.unraisablehook = lambda _: None
+    try:
+        yield
+    finally:
+        sys.unraisablehook = hook
