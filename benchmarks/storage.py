@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from kdcache.audit import kl_per_record, softmax
-from kdcache.cache import CacheReader, compress_logits, expand_logits, record_bytes
+from kdcache.cache import CacheReader, record_bytes, store_codec
 
 STORES = ["fp32", "fp16", "topk:10", "topk:5", "topk:2", "topk:1"]
 PER_IMAGE_BYTES = 8 + 8 + 8 + 1
@@ -40,13 +40,18 @@ def mean_kl(full: np.ndarray, approx: np.ndarray, t: float) -> float:
     return float(np.mean(kl_per_record(full, approx, t)))
 
 
+def stores_for(num_classes: int) -> list[str]:
+    """The STORES that fit `num_classes`: a top-k that keeps every class is no approximation, so it is left out."""
+    kept = [store_codec(store).classes_kept for store in STORES]
+    return [store for store, k in zip(STORES, kept) if k is None or k < num_classes]
+
+
 def measure(logits: np.ndarray, info, temperature: float) -> list[dict]:
     c = logits.shape[-1]
     rows = []
-    for store in STORES:
-        if store.startswith("topk:") and int(store[5:]) >= c:
-            continue
-        approx = expand_logits(compress_logits(logits, store), c)
+    for store in stores_for(c):
+        codec = store_codec(store, c)
+        approx = codec.decode(codec.encode(logits), c)
         rows.append({"store": store, "bytes_per_record": record_bytes(replace(info, store=store, num_classes=c)),
                      f"kl_T{temperature:g}": mean_kl(logits, approx, temperature), "kl_T1": mean_kl(logits, approx, 1.0)})
     return rows
@@ -62,7 +67,7 @@ def main() -> None:
 
     reader = CacheReader(args.cache)
     info = reader.info
-    if info.store.startswith("topk"):
+    if reader.codec.classes_kept is not None:
         raise SystemExit(f"{args.cache} stores top-k logits; measure from an fp32 or fp16 dump")
     rng = np.random.default_rng(0)
     logits = np.concatenate([reader.read_all_logits(v) for v in range(info.num_views)])
@@ -79,9 +84,7 @@ def main() -> None:
 
     projections = []
     for name, (n, k, c) in SCALES.items():
-        for store in STORES:
-            if store.startswith("topk:") and int(store[5:]) >= c:
-                continue
+        for store in stores_for(c):
             per = record_bytes(replace(info, store=store, num_classes=c))
             projections.append({"scale": name, "store": store, "bytes": n * k * per + n * PER_IMAGE_BYTES})
 

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from .augment import apply_crop, sample_crop, view_rng
-from .cache import CacheReader, parse_store, record_bytes
+from .cache import CacheInfo, CacheReader, record_bytes, store_codec
 from .data import open_dataset
 from .errors import CacheError
 from .report import Progress
@@ -31,91 +31,147 @@ def kl_per_record(p_logits: np.ndarray, q_logits: np.ndarray, temperature: float
     return np.sum(p * (np.log(np.clip(p, 1e-300, None)) - np.log(np.clip(q, 1e-300, None))), axis=-1)
 
 
-def inspect_cache(path: str) -> dict:
-    """A summary of a cache: provenance, sizes and per-view teacher statistics."""
+class _ViewStats:
+    """Per-view teacher statistics, summed over blocks of valid records."""
+
+    def __init__(self, views: int) -> None:
+        self.count, self.correct = np.zeros(views), np.zeros(views)
+        self.confidence, self.entropy = np.zeros(views), np.zeros(views)
+
+    def add(self, views: np.ndarray, logits: np.ndarray, labels: np.ndarray) -> None:
+        probs = softmax(logits)
+        k = len(self.count)
+        self.count += np.bincount(views, minlength=k)
+        self.correct += np.bincount(views, weights=(logits.argmax(1) == labels).astype(np.float64), minlength=k)
+        self.confidence += np.bincount(views, weights=probs.max(1), minlength=k)
+        self.entropy += np.bincount(views, weights=-(probs * np.log(np.clip(probs, 1e-12, None))).sum(1), minlength=k)
+
+    def per_view(self) -> list[dict]:
+        """top1 (%), confidence and entropy of each view; None where a view has no valid record."""
+        def mean(total: np.ndarray, view: int, scale: float = 1.0) -> float | None:
+            return float(scale * total[view] / self.count[view]) if self.count[view] else None
+        return [{"view": v, "top1": mean(self.correct, v, 100.0), "confidence": mean(self.confidence, v),
+                 "entropy": mean(self.entropy, v)} for v in range(len(self.count))]
+
+
+def _mean(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return float(np.mean(known)) if known else None
+
+
+def inspect_cache(path: str, progress: Progress | None = None) -> dict:
+    """A summary of a cache: provenance, sizes, per-view teacher statistics and invalid records.
+
+    Every stored record is checked (a block at a time, so any size fits in
+    memory); ``ok`` is False when some are invalid, and ``first_bad_records``
+    names a few. The statistics use the valid records of a fixed sample of at
+    most STATS_ROWS rows. Every float in the result is finite (None where
+    nothing is known), so the result is valid JSON.
+    """
     reader = CacheReader(path, preload=False)
-    info = reader.info
+    info, codec = reader.info, reader.codec
     n = info.num_samples
     rows = np.arange(n) if n <= STATS_ROWS else np.sort(np.random.default_rng(0).choice(n, STATS_ROWS, replace=False))
-    per_view = []
-    for view in range(info.num_views):
-        logits = reader.read(rows, view)[2]
-        probs = softmax(logits)
-        per_view.append({
-            "view": view,
-            "top1": float(100.0 * np.mean(logits.argmax(1) == reader.labels[rows])),
-            "confidence": float(probs.max(1).mean()),
-            "entropy": float(-(probs * np.log(np.clip(probs, 1e-12, None))).sum(1).mean()),
-        })
+    sampled = np.zeros(n, dtype=bool)
+    sampled[rows] = True
+    stats = _ViewStats(info.num_views)
+
+    def visit(first_row: int, arrays: dict[str, np.ndarray], valid: np.ndarray) -> None:
+        picked = np.flatnonzero(sampled[first_row:first_row + len(valid)])
+        row, view = np.nonzero(valid[picked])
+        if len(row):
+            targets = {name: arrays[name][picked][row, view] for name in reader.target_names}
+            stats.add(view, codec.decode(targets, info.num_classes), reader.labels[first_row + picked[row]])
+
+    scan = reader.scan(visit, progress)
     reader.close()
+    per_view = stats.per_view()
     return {
-        "path": str(reader.path), "format_version": reader.attrs.get("format_version"),
+        "path": str(reader.path), "ok": scan.ok, "bad_records": scan.bad_records,
+        "first_bad_records": scan.first_bad,
+        "format_version": reader.attrs.get("format_version"),
         "kdcache_version": reader.attrs.get("kdcache_version"), "created": reader.attrs.get("created"),
         "teacher": info.teacher, "teacher_checkpoint": info.teacher_checkpoint,
         "teacher_checkpoint_sha256": info.teacher_checkpoint_sha256, "teacher_pretrained": info.teacher_pretrained,
         "dataset": info.dataset_name, "dataset_split": info.dataset_split,
-        "dataset_fingerprint": info.dataset_fingerprint, "num_samples": n, "num_views": info.num_views,
+        "dataset_fingerprint": info.dataset_fingerprint, "content_hash": info.content_hash,
+        "num_samples": n, "num_views": info.num_views,
         "num_classes": info.num_classes, "store": info.store, "seed": info.seed, "input_size": info.input_size,
         "mean": list(info.mean), "std": list(info.std), "interpolation": info.interpolation,
         "crop_scale": list(info.crop_scale), "crop_ratio": list(info.crop_ratio), "hflip": info.hflip,
         "file_bytes": reader.file_size, "bytes_per_record": record_bytes(info),
         "stats_rows": int(len(rows)),
-        "teacher_top1_mean": float(np.mean([v["top1"] for v in per_view])),
-        "confidence_mean": float(np.mean([v["confidence"] for v in per_view])),
-        "entropy_mean": float(np.mean([v["entropy"] for v in per_view])),
+        "teacher_top1_mean": _mean([v["top1"] for v in per_view]),
+        "confidence_mean": _mean([v["confidence"] for v in per_view]),
+        "entropy_mean": _mean([v["entropy"] for v in per_view]),
         "per_view": per_view,
         "library_versions": reader.attrs.get("library_versions"),
     }
 
 
 def default_tolerance(store: str) -> float:
-    """Largest accepted |cached - live| logit difference, relative to the record's largest |logit|.
+    """Largest accepted |cached - live| logit difference, relative to the record's largest |logit| (the store's)."""
+    return store_codec(store).tolerance
 
-    fp32 allows for a different batch composition or BLAS (float32 rounding);
-    fp16 and top-k for half-precision storage (2^-11 relative) and a dump under
-    AMP.
-    """
-    kind, _ = parse_store(store)
-    return 1e-3 if kind == "fp32" else 2e-2
+
+def _load_verify_teacher(info: CacheInfo, teacher: str, checkpoint: str | None, pretrained: bool,
+                         device: torch.device, progress: Progress) -> torch.nn.Module:
+    """The teacher to verify against, built as the dump built it; notes where it cannot be the dump's."""
+    from .models import file_sha256
+    from .teacher import load_teacher
+
+    if teacher != info.teacher:
+        progress.note(f"the cache was dumped by '{info.teacher}', verifying against '{teacher}'")
+    dumped_with = info.teacher_checkpoint or "no checkpoint"
+    if checkpoint and file_sha256(checkpoint) != info.teacher_checkpoint_sha256:
+        progress.note(f"the cache was dumped with {dumped_with}; {checkpoint} has other contents")
+    elif not checkpoint and info.teacher_checkpoint_sha256:
+        progress.note(f"the cache was dumped with {dumped_with}; verifying without --checkpoint")
+    if not info.teacher_checkpoint_sha256 and not info.teacher_pretrained:
+        torch.manual_seed(info.seed)  # the dump seeds a teacher without weights this way; the same weights follow
+    return load_teacher(teacher, info.num_classes, info.input_size, device, checkpoint, pretrained)
 
 
 def verify_cache(path: str, data: str, teacher: str, checkpoint: str | None, samples: int = 256, seed: int = 0,
                  device: str = "auto", pretrained: bool = False, tolerance: float | None = None,
                  temperature: float = 4.0, progress: Progress | None = None) -> dict:
-    """Recompute `samples` random (image, view) records with the teacher and compare.
+    """Check every stored record's values, then recompute `samples` random (image, view) records and compare.
 
-    Checks, for each sampled record, that the stored crop is the one
-    ``(seed, sample_id, view)`` gives, and that the stored logits match the
-    teacher's on that crop. Returns the figures and ``ok``.
+    Checks that no record is invalid (non-finite logits, a box outside the
+    image, a damaged chunk, ...), and, for each sampled record, that the
+    stored crop is the one ``(seed, sample_id, view)`` gives and that the
+    stored logits match the teacher's on that crop (the classes the store
+    keeps exactly). Returns the figures and ``ok``.
     """
-    from .teacher import load_teacher, teacher_logits
+    from .teacher import teacher_logits
 
     progress = progress or Progress()
     reader = CacheReader(path, preload=False)
-    info = reader.info
+    info, codec = reader.info, reader.codec
     train = open_dataset(data, "train")
     check_cache_fits(reader, train, info.input_size)
+    scan = reader.scan(progress=progress)
     dev = resolve_device(device)
-    model = load_teacher(teacher, info.num_classes, info.input_size, dev, checkpoint, pretrained)
-    if teacher != info.teacher:
-        progress.note(f"the cache was dumped by '{info.teacher}', verifying against '{teacher}'")
+    model = _load_verify_teacher(info, teacher, checkpoint, pretrained, dev, progress)
     prep = preprocess_of_cache(reader)
     ranges = ranges_of_cache(reader)
-    tolerance = default_tolerance(info.store) if tolerance is None else tolerance
+    tolerance = codec.tolerance if tolerance is None else tolerance
     total = info.num_samples * info.num_views
     rng = np.random.default_rng(seed)
     picks = rng.choice(total, size=min(samples, total), replace=False)
     rows, views = np.divmod(picks, info.num_views)
-    kind, top = parse_store(info.store)
 
     crop_mismatch: list[str] = []
-    worst_rel, worst_abs, kls, worst_at = 0.0, 0.0, [], ""
+    worst_rel, worst_abs, kls, worst_at, compared = 0.0, 0.0, [], "", 0
     progress.start("verify", len(picks))
     for start in range(0, len(picks), 64):
         r, v = rows[start:start + 64], views[start:start + 64]
-        crops, cached = [], []
+        crops, cached, where = [], [], []
         for row, view in zip(r, v):
-            boxes, flips, logits = reader.read(np.array([row]), int(view))
+            try:
+                boxes, flips, logits = reader.read(np.array([row]), int(view))
+            except CacheError:
+                continue  # an invalid record: the scan above counted it
             image = train.load(int(row))
             expect_box, expect_flip = sample_crop(view_rng(info.seed, int(train.ids[row]), int(view)),
                                                   int(image.shape[-2]), int(image.shape[-1]), ranges)
@@ -123,27 +179,29 @@ def verify_cache(path: str, data: str, teacher: str, checkpoint: str | None, sam
                 crop_mismatch.append(f"{train.describe(int(row))} view {int(view)}")
             crops.append(apply_crop(image, boxes[0], bool(flips[0]), prep))
             cached.append(logits[0])
+            where.append(f"{train.describe(int(row))} view {int(view)}")
+        progress.update(len(r))
+        if not crops:
+            continue
         live = teacher_logits(model, torch.stack(crops), prep, dev).cpu().numpy()
         cached_arr = np.stack(cached)
-        if kind == "topk":  # only the kept classes are stored exactly
-            idx = np.argsort(-cached_arr, axis=1)[:, :top]
-            diff = np.abs(np.take_along_axis(cached_arr, idx, 1) - np.take_along_axis(live, idx, 1)).max(1)
-        else:
-            diff = np.abs(cached_arr - live).max(1)
-        scale = np.maximum(1.0, np.abs(live).max(1))
-        rel = diff / scale
+        idx = codec.compared_classes(cached_arr)
+        diff = np.abs(np.take_along_axis(cached_arr, idx, 1) - np.take_along_axis(live, idx, 1)).max(1)
+        diff = np.where(np.isfinite(diff), diff, np.inf)  # a teacher that returns NaN matches nothing
+        rel = diff / np.maximum(1.0, np.abs(np.nan_to_num(live, posinf=0, neginf=0)).max(1))
         i = int(rel.argmax())
         if rel[i] > worst_rel:
-            worst_rel, worst_at = float(rel[i]), f"{train.describe(int(r[i]))} view {int(v[i])}"
+            worst_rel, worst_at = float(rel[i]), where[i]
         worst_abs = max(worst_abs, float(diff.max()))
         kls.extend(kl_per_record(live, cached_arr, temperature).tolist())
-        progress.update(len(r))
+        compared += len(crops)
     progress.stop()
     reader.close()
-    ok = worst_rel <= tolerance and not crop_mismatch
-    return {"cache": str(reader.path), "samples": int(len(picks)), "store": info.store,
+    ok = worst_rel <= tolerance and not crop_mismatch and scan.ok
+    return {"cache": str(reader.path), "samples": int(len(picks)), "compared": compared, "store": info.store,
+            "bad_records": scan.bad_records, "first_bad_record": scan.first_bad[0] if scan.first_bad else "",
             "max_abs_logit_diff": worst_abs, "max_rel_logit_diff": worst_rel, "worst_record": worst_at,
-            "tolerance": tolerance, "mean_kl": float(np.mean(kls)), "temperature": temperature,
+            "tolerance": tolerance, "mean_kl": float(np.mean(kls)) if kls else None, "temperature": temperature,
             "crop_mismatches": len(crop_mismatch), "first_crop_mismatch": crop_mismatch[0] if crop_mismatch else "",
             "ok": bool(ok)}
 
@@ -152,6 +210,9 @@ def require_ok(result: dict) -> None:
     """Raise a CacheError that says what failed when `result` is not ok."""
     if result["ok"]:
         return
+    if result.get("bad_records"):
+        raise CacheError(f"verify failed: {result['bad_records']} stored records are invalid (first: "
+                         f"{result['first_bad_record']}); re-dump the teacher or restore the cache")
     if result["crop_mismatches"]:
         raise CacheError(f"verify failed: {result['crop_mismatches']} stored crops differ from their seeds "
                          f"(first: {result['first_crop_mismatch']})")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from torch.utils.data import DataLoader, Dataset
 
-from kdcache.cache import CacheInfo, CacheReader, CacheWriter, expand_logits, compress_logits, record_bytes
+from kdcache.cache import CacheInfo, CacheReader, CacheWriter, record_bytes, store_codec
 from kdcache.errors import CacheError
 
 N, K, C = 23, 3, 10
@@ -26,7 +26,9 @@ def info(store: str = "fp32", **over) -> CacheInfo:
 
 def fake_records(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return (rng.random((N, K, 4), dtype=np.float32), rng.random((N, K)) < 0.5,
+    top_left = rng.uniform(0.0, 0.5, (N, K, 2))
+    size = rng.uniform(0.1, 0.5, (N, K, 2))
+    return (np.concatenate([top_left, size], axis=-1).astype(np.float32), rng.random((N, K)) < 0.5,
             (rng.normal(0, 3, (N, K, C))).astype(np.float32))
 
 
@@ -81,7 +83,8 @@ def test_record_bytes() -> None:
 
 def test_topk_expand_matches_compress_order() -> None:
     logits = np.array([[[5.0, 1.0, 3.0, -2.0]]], dtype=np.float32)
-    full = expand_logits(compress_logits(logits, "topk:2"), 4)
+    codec = store_codec("topk:2")
+    full = codec.decode(codec.encode(logits), 4)
     assert full[0, 0, 0] == pytest.approx(5.0, abs=1e-2) and full[0, 0, 2] == pytest.approx(3.0, abs=1e-2)
     assert full[0, 0, 1] == pytest.approx(full[0, 0, 3])
 
@@ -109,13 +112,85 @@ def test_missing_incomplete_and_corrupt(tmp_path: Path) -> None:
         CacheReader(tmp_path / "other.h5")
 
 
-def test_existing_cache_needs_force(tmp_path: Path) -> None:
+def test_existing_cache_needs_force_and_force_overwrites_it(tmp_path: Path) -> None:
     path = write_cache(tmp_path / "c.h5")
     with pytest.raises(CacheError, match="--force"):
         write_cache(path)
-    crops, flips, logits = fake_records()
-    w = CacheWriter(path, info(), np.arange(N) * 7, np.arange(N) % C, np.arange(N, dtype=np.uint64), force=True)
+    crops, flips, logits = fake_records(seed=1)
+    w = CacheWriter(path, info(seed=9), np.arange(N) * 7, np.arange(N) % C, np.arange(N, dtype=np.uint64), force=True)
+    assert w.resumed_rows == 0
+    w.write(np.arange(N), crops, flips, logits)
+    w.finish()
     w.close()
+    reader = CacheReader(path)
+    assert reader.info == info(seed=9)
+    for view in range(K):
+        got_crops, got_flips, got = reader.read(np.arange(N), view)
+        np.testing.assert_array_equal(got, logits[:, view])
+        np.testing.assert_array_equal(got_crops, crops[:, view])
+        np.testing.assert_array_equal(got_flips, flips[:, view])
+
+
+def test_force_discards_a_partial_of_other_settings(tmp_path: Path) -> None:
+    path = tmp_path / "c.h5"
+    write_cache(path, rows=slice(0, 10), finish=False)
+    crops, flips, logits = fake_records(seed=1)
+    w = CacheWriter(path, info(seed=5), np.arange(N) * 7, np.arange(N) % C, np.arange(N, dtype=np.uint64), force=True)
+    assert w.resumed_rows == 0 and list(w.pending_rows()) == list(range(N))
+    w.write(np.arange(N), crops, flips, logits)
+    w.finish()
+    w.close()
+    reader = CacheReader(path)
+    assert reader.info.seed == 5
+    np.testing.assert_array_equal(reader.read(np.arange(N), 2)[2], logits[:, 2])
+    assert not path.with_name("c.h5.partial").exists()
+
+
+@pytest.mark.parametrize("store", ["fp32", "fp16", "topk:1", "topk:3", f"topk:{C}"])
+def test_store_codec_round_trip_error_bounds(store: str) -> None:
+    """encode -> decode for every kind: exact (fp32), half-precision rounding (fp16), the kept classes' logits and
+    probabilities and a flat tail holding the rest of the mass (top-k)."""
+    codec = store_codec(store, C)
+    logits = fake_records()[2]
+    arrays = codec.encode(logits)
+    per_record = sum(a.dtype.itemsize * int(np.prod(a.shape[2:], dtype=np.int64)) for a in arrays.values())
+    assert per_record == codec.record_bytes(C)
+    assert {k: (a.shape[2:], a.dtype) for k, a in arrays.items()} == codec.datasets(C)
+    got = codec.decode(arrays, C)
+    assert got.dtype == np.float32 and got.shape == logits.shape
+    if codec.classes_kept is None:
+        bound = 0.0 if store == "fp32" else 2.0**-11  # fp16: round to nearest, 11 significant bits
+        assert np.all(np.abs(got - logits) <= bound * np.abs(logits))
+        return
+    k = codec.classes_kept
+    top = np.argsort(-logits, axis=-1)[..., :k]
+    kept, want = np.take_along_axis(got, top, -1), np.take_along_axis(logits, top, -1)
+    assert np.all(np.abs(kept - want) <= 2.0**-11 * np.abs(want))
+    probs = np.exp(got - got.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    true = np.exp(logits - logits.max(-1, keepdims=True))
+    true /= true.sum(-1, keepdims=True)
+    # Each kept logit moves by at most delta, so each kept probability by at most a factor exp(+-2 delta).
+    delta = 2.0**-11 * np.abs(want).max(-1, keepdims=True)
+    p_kept, p_true = np.take_along_axis(probs, top, -1), np.take_along_axis(true, top, -1)
+    assert np.all(np.abs(p_kept - p_true) <= (np.exp(2 * delta) - 1) * p_true + 1e-7)
+    if k < C:
+        rest = np.ones(logits.shape, dtype=bool)
+        np.put_along_axis(rest, top, False, -1)
+        tail = probs[rest].reshape(logits.shape[:-1] + (C - k,))
+        np.testing.assert_allclose(tail, tail[..., :1].repeat(C - k, -1), rtol=1e-5)
+        np.testing.assert_allclose(tail.sum(-1), 1 - np.take_along_axis(true, top, -1).sum(-1), atol=3e-3)
+
+
+def test_store_codec_syntax() -> None:
+    assert [store_codec(s).store for s in ("fp16", "fp32", "topk:7")] == ["fp16", "fp32", "topk:7"]
+    assert [store_codec(s).tolerance for s in ("fp32", "fp16", "topk:7")] == [1e-3, 2e-2, 2e-2]
+    assert store_codec("topk:10", 10).classes_kept == 10
+    for bad in ("fp8", "topk:", "topk:0", "topk:-1", "topk:x", "", "FP16"):
+        with pytest.raises(CacheError, match="--store must be fp16, fp32 or topk:K with K >= 1"):
+            store_codec(bad)
+    with pytest.raises(CacheError, match="--store topk:11 keeps more classes than the teacher has \\(10\\)"):
+        store_codec("topk:11", 10)
 
 
 def test_resume_continues_and_refuses_other_settings(tmp_path: Path) -> None:
@@ -126,12 +201,6 @@ def test_resume_continues_and_refuses_other_settings(tmp_path: Path) -> None:
     w = CacheWriter(path, info(), np.arange(N) * 7, np.arange(N) % C, np.arange(N, dtype=np.uint64))
     assert w.resumed_rows == 10 and list(w.pending_rows()) == list(range(10, N))
     w.close()
-    w = CacheWriter(path, info(seed=5), np.arange(N) * 7, np.arange(N) % C, np.arange(N, dtype=np.uint64), force=True)
-    assert w.resumed_rows == 0  # --force discards a partial dump of other settings
-    w.close()
-    path.with_name("c.h5.partial").unlink()
-    write_cache(path, rows=slice(0, 10), finish=False)
-    w = CacheWriter(path, info(), np.arange(N) * 7, np.arange(N) % C, np.arange(N, dtype=np.uint64))
     w.close()
     write_cache(path)  # finishes the remaining rows
     crops, flips, logits = fake_records()

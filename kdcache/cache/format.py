@@ -1,0 +1,357 @@
+"""The teacher cache file: one HDF5 file, a versioned contract.
+
+Format version 1. ``N`` images of the training split, ``K`` views each, ``C``
+classes. Row ``i`` of every per-sample dataset is the ``i``-th image of the
+split in the dataset's stable order (see :mod:`kdcache.data`).
+
+Datasets
+--------
+``sample_ids``      (N,)     int64    stable sample id of each row
+``labels``          (N,)     int64    class index of each row, in [0, C)
+``content_hashes``  (N,)     uint64   per-image content hash (for fingerprint diffs;
+                                      scheme: the ``content_hash`` attribute)
+``crops``           (N,K,4)  float32  RandomResizedCrop box as fractions of the
+                                      image: top, left, height, width; finite,
+                                      top, left >= 0, height, width > 0,
+                                      top + height <= 1 and left + width <= 1
+                                      (up to 1e-6 of float rounding)
+``flips``           (N,K)    uint8    1 where the view is mirrored, else 0
+``done``            (N,)     uint8    1 once every view of the row is written
+                                      (a resumed dump skips these rows)
+
+Teacher targets, by ``store`` (one codec each, see :mod:`kdcache.cache.stores`):
+
+``fp16`` / ``fp32``  ``logits`` (N,K,C) float16 / float32: the raw teacher logits,
+                     all finite.
+``topk:k``           ``topk_values`` (N,K,k) float16: the k largest logits,
+                     ``topk_indices`` (N,K,k) int16 (int32 when C > 32767): their
+                     classes, distinct and in [0, C), ``logsumexp`` (N,K) float32:
+                     log-sum-exp of all C logits. The reader rebuilds C logits: the
+                     k kept ones, and for every other class the logit that spreads
+                     the rest of the probability mass (at T=1) evenly over them.
+                     Softening by a temperature T then keeps that tail flat, so the
+                     approximation is exact for the top k classes' order and loses
+                     only the shape of the tail.
+
+Every dataset is chunked along N only (whole images, all views), with chunks
+of about 64 KiB, and allocated when the file is created, so later writes touch
+raw data only and a killed dump leaves readable metadata. Files written after
+kdcache 0.1.0 add HDF5's fletcher32 filter to every dataset: each chunk carries a
+checksum that HDF5 checks on every read, so bit rot is caught when a chunk is
+read, not only by ``verify``. HDF5 then writes every chunk (zeros and their
+checksum) when it allocates it, so creating a cache writes its whole size once
+(0.4 s per 800 MB here) and a disk that is too small fails at the start. Files
+without the filter still read.
+
+Root attributes
+---------------
+``format_version`` (int), ``kdcache_version``, ``created`` (ISO 8601 UTC),
+``complete`` (bool), ``num_samples``, ``num_views``, ``num_classes``, ``seed``,
+``store``, ``teacher`` (timm name), ``teacher_checkpoint`` (path as given),
+``teacher_checkpoint_sha256`` ('' when none), ``teacher_pretrained`` (bool),
+``input_size``, ``mean`` (3,), ``std`` (3,), ``interpolation``, ``crop_pct``,
+``crop_scale`` (2,), ``crop_ratio`` (2,), ``hflip``, ``dataset_name``,
+``dataset_split``, ``dataset_fingerprint`` (hex digest, see kdcache.data),
+``class_names`` (JSON list of C names), ``library_versions`` (JSON object), and,
+optionally, ``content_hash`` (the scheme of ``content_hashes`` and of the
+fingerprint; a file without it reads as ``head-tail-64k``: file size plus the
+first and last 64 KiB). The reader checks every attribute's type and range on
+open (:func:`info_from_attrs`).
+
+A dump writes ``OUT.partial`` and renames it to ``OUT`` when complete.
+``OUT.partial`` itself is made under a temporary name
+(``OUT.partial.tmp-{host}-{pid}``) and renamed once its metadata, ids, labels
+and hashes are written and its space is reserved, so an ``OUT.partial`` always
+has complete metadata. The file holds no pickled objects.
+
+Versions
+--------
+A reader of version 1 reads every file that says ``format_version`` 1. The
+fletcher32 filter and an optional attribute with a default keep that promise: a
+v1 reader of kdcache 0.1.0 reads both (checked). A change that an older reader cannot read
+(a new required dataset or attribute, another meaning of an existing one) bumps
+``FORMAT_VERSION`` and adds a golden file of the new version to tests/data.
+
+Part files (a dump by several processes under torchrun)
+-------------------------------------------------------
+Rank ``r`` of ``W`` processes dumps the rows ``row % W == r`` into its own part
+file ``OUT.rank{r}-of-{W}`` (written as ``OUT.rank{r}-of-{W}.partial``,
+resumable exactly like ``OUT.partial``). A part is a cache of this format over
+those rows, in order: ``num_samples`` is its row count, every other attribute
+is the whole dump's (``dataset_fingerprint`` included), and two root
+attributes are added: ``part_rank`` (int, r) and ``part_world_size`` (int, W).
+When all W parts are complete, rank 0 copies their stored values, bit for bit
+and in row order, into ``OUT.partial`` (an ordinary resumable cache over all N
+rows, without the part attributes), renames it to ``OUT`` and then deletes the
+parts. ``OUT`` is therefore the same file a single process writes: equal ids,
+labels, crops and flips, and logits equal up to the float rounding of a
+different batch composition (see :mod:`kdcache.parts`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import MISSING, asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import h5py
+import numpy as np
+
+from ..errors import CacheError
+from .hdf5 import worded
+from .stores import Layout, StoreCodec, store_codec
+
+FORMAT_VERSION = 1
+CHUNK_BYTES = 64 * 1024
+BOX_SLACK = 1e-6  # float32 fractions of integer pixel boxes may overshoot 1 by rounding
+
+
+@dataclass(frozen=True)
+class CacheInfo:
+    """Everything a cache records about how it was made (the root attributes)."""
+
+    num_samples: int
+    num_views: int
+    num_classes: int
+    seed: int
+    store: str
+    teacher: str
+    teacher_checkpoint: str
+    teacher_checkpoint_sha256: str
+    teacher_pretrained: bool
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str
+    crop_pct: float
+    crop_scale: tuple[float, float]
+    crop_ratio: tuple[float, float]
+    hflip: float
+    dataset_name: str
+    dataset_split: str
+    dataset_fingerprint: str
+    class_names: tuple[str, ...]
+    # Optional attributes: a file without one reads as the default, so adding one keeps format version 1.
+    content_hash: str = "head-tail-64k"  # the scheme of content_hashes and the fingerprint (see kdcache.data)
+
+    def settings(self) -> dict:
+        """The fields a resumed dump must agree on (all but the checkpoint path)."""
+        d = asdict(self)
+        d.pop("teacher_checkpoint")
+        return d
+
+
+# The attributes codec: each CacheInfo field's decoder (HDF5 value -> Python, TypeError when of another type)
+# and its range, so a damaged or hostile file fails on open with one line instead of deep inside a run.
+
+def _integer(v: Any) -> int:
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+        raise TypeError("an integer")
+    return int(v)
+
+
+def _boolean(v: Any) -> bool:
+    if not isinstance(v, (bool, np.bool_)):
+        raise TypeError("a boolean")
+    return bool(v)
+
+
+def _number(v: Any) -> float:
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise TypeError("a number")
+    return float(v)
+
+
+def _text(v: Any) -> str:
+    if isinstance(v, bytes):
+        try:
+            return v.decode()
+        except UnicodeDecodeError:
+            raise TypeError("UTF-8 text") from None
+    if not isinstance(v, str):
+        raise TypeError("text")
+    return v
+
+
+def _numbers(n: int) -> Callable[[Any], tuple[float, ...]]:
+    def decode(v: Any) -> tuple[float, ...]:
+        a = np.asarray(v) if isinstance(v, (list, tuple, np.ndarray)) else None
+        if a is None or a.shape != (n,) or a.dtype.kind not in "iuf":
+            raise TypeError(f"{n} numbers")
+        return tuple(float(x) for x in a)
+    return decode
+
+
+def _names(v: Any) -> tuple[str, ...]:
+    try:
+        names = json.loads(_text(v))
+    except (TypeError, ValueError):
+        names = None
+    if not isinstance(names, list) or not all(isinstance(x, str) for x in names):
+        raise TypeError("a JSON list of class names")
+    return tuple(names)
+
+
+def _finite(*xs: float) -> bool:
+    return all(math.isfinite(x) for x in xs)
+
+
+_ANY = (lambda v: True, "")
+_ATTRS: dict[str, tuple[Callable[[Any], Any], Callable[[Any], bool], str]] = {
+    "num_samples": (_integer, lambda v: v >= 0, ">= 0"),
+    "num_views": (_integer, lambda v: v >= 1, ">= 1"),
+    "num_classes": (_integer, lambda v: v >= 1, ">= 1"),
+    "seed": (_integer, lambda v: 0 <= v < 2**64, "in [0, 2^64)"),
+    "store": (_text, *_ANY),  # checked with num_classes, by its codec
+    "teacher": (_text, lambda v: v != "", "not empty"),
+    "teacher_checkpoint": (_text, *_ANY),
+    "teacher_checkpoint_sha256": (_text, lambda v: re.fullmatch(r"([0-9a-f]{64})?", v) is not None,
+                                  "'' or 64 hex digits"),
+    "teacher_pretrained": (_boolean, *_ANY),
+    "input_size": (_integer, lambda v: v >= 1, ">= 1"),
+    "mean": (_numbers(3), lambda v: _finite(*v), "finite"),
+    "std": (_numbers(3), lambda v: _finite(*v) and min(v) > 0, "finite and > 0"),
+    "interpolation": (_text, lambda v: v in ("bilinear", "bicubic", "nearest"), "bilinear, bicubic or nearest"),
+    "crop_pct": (_number, lambda v: _finite(v) and v > 0, "finite and > 0"),
+    "crop_scale": (_numbers(2), lambda v: 0 < v[0] <= v[1] <= 1, "0 < min <= max <= 1"),
+    "crop_ratio": (_numbers(2), lambda v: _finite(*v) and 0 < v[0] <= v[1], "finite, 0 < min <= max"),
+    "hflip": (_number, lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "dataset_name": (_text, *_ANY),
+    "dataset_split": (_text, *_ANY),
+    "dataset_fingerprint": (_text, *_ANY),
+    "class_names": (_names, *_ANY),  # checked against num_classes below
+    "content_hash": (_text, lambda v: v != "", "not empty"),
+}
+
+
+def attr_error(name: str, value: Any, expected: str) -> str:
+    """How an attribute is wrong, in words (no file name: the caller adds it)."""
+    shown = repr(plain_attr(value))
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    return f"attribute '{name}' is {shown} ({type(value).__name__}), expected {expected}"
+
+
+def info_from_attrs(attrs: Mapping[str, Any]) -> CacheInfo:
+    """The CacheInfo of a file's root attributes, every value checked for type and range.
+
+    Raises ValueError with a one-line reason naming the attribute; a missing
+    attribute with a default in CacheInfo reads as the default.
+    """
+    values = {}
+    for f in fields(CacheInfo):
+        if f.name not in attrs:
+            if f.default is not MISSING:
+                continue
+            raise ValueError(f"attribute '{f.name}' is missing; the file is not a complete kdcache cache")
+        raw = attrs[f.name]
+        decode, valid, expected = _ATTRS[f.name]
+        try:
+            value = decode(raw)
+        except TypeError as e:
+            raise ValueError(attr_error(f.name, raw, str(e))) from None
+        if not valid(value):
+            raise ValueError(attr_error(f.name, raw, expected))
+        values[f.name] = value
+    info = CacheInfo(**values)
+    if len(info.class_names) != info.num_classes:
+        raise ValueError(f"attribute 'class_names' holds {len(info.class_names)} names for {info.num_classes} classes")
+    try:
+        store_codec(info.store, info.num_classes)
+    except CacheError as e:
+        raise ValueError(f"attribute 'store': {e}") from None
+    return info
+
+
+def info_attrs(info: CacheInfo) -> dict[str, Any]:
+    """The root attributes that record `info` (the inverse of :func:`info_from_attrs`)."""
+    return {key: json.dumps(list(value)) if key == "class_names" else value for key, value in asdict(info).items()}
+
+
+def plain_attr(value: object) -> object:
+    """An HDF5 attribute value as a plain Python value."""
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    if isinstance(value, (np.ndarray, np.generic)):
+        return value.tolist()
+    return value
+
+
+def settings_mismatch(found: dict, wanted: dict) -> str:
+    """The first three settings of `wanted` that `found` differs in, worded; '' when none does."""
+    diff = [k for k in wanted if found.get(k) != wanted[k]]
+    return ", ".join(f"{k}: {found.get(k)!r} in the file, {wanted[k]!r} now" for k in diff[:3])
+
+
+def library_versions() -> str:
+    """The versions that wrote a file, as a JSON object."""
+    import timm
+    import torch
+
+    from .. import __version__
+
+    return json.dumps({"kdcache": __version__, "torch": torch.__version__, "timm": timm.__version__,
+                       "h5py": h5py.__version__, "hdf5": h5py.version.hdf5_version, "numpy": np.__version__})
+
+
+# The layout: every dataset of a cache with its full shape and dtype.
+
+def record_layout(codec: StoreCodec, num_classes: int) -> Layout:
+    """Per-record shape and dtype of the per-view datasets: crop box, flip and the store's targets."""
+    return {"crops": ((4,), np.dtype(np.float32)), "flips": ((), np.dtype(np.uint8)),
+            **codec.datasets(num_classes)}
+
+
+def layout(info: CacheInfo) -> Layout:
+    """Every dataset of a cache of `info`, with its shape and dtype."""
+    n, k = info.num_samples, info.num_views
+    per_view = {name: ((n, k) + shape, dtype) for name, (shape, dtype)
+                in record_layout(store_codec(info.store, info.num_classes), info.num_classes).items()}
+    return {"sample_ids": ((n,), np.dtype(np.int64)),
+            "labels": ((n,), np.dtype(np.int64)),
+            "content_hashes": ((n,), np.dtype(np.uint64)),
+            "crops": per_view.pop("crops"),
+            "flips": per_view.pop("flips"),
+            "done": ((n,), np.dtype(np.uint8)),
+            **per_view}
+
+
+def record_bytes(info: CacheInfo) -> float:
+    """Bytes stored per (image, view): targets, crop box and flip."""
+    per_view = record_layout(store_codec(info.store, info.num_classes), info.num_classes)
+    return sum(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize for shape, dtype in per_view.values())
+
+
+def record_faults(arrays: Mapping[str, np.ndarray], codec: StoreCodec,
+                  num_classes: int) -> list[tuple[str, np.ndarray]]:
+    """(what is wrong, mask over the records) for every check a stored record can fail.
+
+    `arrays` hold records in their stored form with any leading shape (a batch
+    (B,) of one view, or rows (R, K)); checks of datasets not in `arrays` are
+    skipped. Vectorised and cheap: the reader runs it on every batch.
+    """
+    faults = []
+    if "crops" in arrays:
+        top, left, height, width = np.moveaxis(np.asarray(arrays["crops"], dtype=np.float64), -1, 0)
+        inside = ((top >= 0) & (left >= 0) & (height > 0) & (width > 0)
+                  & (top + height <= 1 + BOX_SLACK) & (left + width <= 1 + BOX_SLACK))
+        faults.append(("the crop box is not a box inside the image", ~inside))  # NaN fails every comparison
+    if "flips" in arrays:
+        faults.append(("the flip flag is not 0 or 1", np.asarray(arrays["flips"]) > 1))
+    if all(name in arrays for name in codec.datasets(num_classes)):
+        faults += codec.faults(arrays, num_classes)
+    return faults
+
+
+def check_datasets(h5: h5py.File, info: CacheInfo, path: Path) -> None:
+    """Every dataset of the layout of `info` exists in `h5` with its shape and dtype."""
+    for name, (shape, dtype) in layout(info).items():
+        with worded(path, f"dataset '{name}'"):
+            if name not in h5:
+                raise CacheError(f"{path}: dataset '{name}' is missing")
+            ds = h5[name]
+            found = (ds.shape, ds.dtype)
+        if found != (shape, dtype):
+            raise CacheError(f"{path}: dataset '{name}' is {found[0]} {found[1]}, expected {shape} {dtype}")

@@ -1,0 +1,169 @@
+"""How a view's teacher logits are stored: one codec per ``--store`` kind.
+
+A codec knows the datasets its kind keeps per (image, view) record, how to
+turn float32 logits into them and back, how closely ``verify`` may expect the
+stored logits to match a live teacher, and what makes a stored record invalid.
+The writer, the reader, the audit and the benchmarks only talk to a codec, so
+a new kind of target is one new class here plus a line in :func:`store_codec`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import CacheError
+
+Layout = dict[str, tuple[tuple[int, ...], np.dtype]]
+
+
+class StoreCodec:
+    """One kind of stored teacher target; subclasses fill in the layout, the coding and the checks."""
+
+    store: str  # the --store value this codec was made from, e.g. 'topk:5'
+    # verify's default: largest accepted |cached - live| logit difference relative to the record's largest |logit|
+    tolerance: float
+    # How many classes a record keeps exactly; None: every class (only rounding is lost).
+    classes_kept: int | None = None
+
+    def datasets(self, num_classes: int) -> Layout:
+        """Per-record shape and dtype of every dataset this store keeps (the file prepends (N, K))."""
+        raise NotImplementedError
+
+    def encode(self, logits: np.ndarray) -> dict[str, np.ndarray]:
+        """Float32 teacher logits (..., C) as this store's arrays (..., *record shape)."""
+        raise NotImplementedError
+
+    def decode(self, arrays: dict[str, np.ndarray], num_classes: int) -> np.ndarray:
+        """Full float32 logits (..., C) from this store's arrays."""
+        raise NotImplementedError
+
+    def compared_classes(self, logits: np.ndarray) -> np.ndarray:
+        """The classes (..., m) of decoded `logits` (..., C) that verify compares with a live teacher."""
+        raise NotImplementedError
+
+    def faults(self, arrays: dict[str, np.ndarray], num_classes: int) -> list[tuple[str, np.ndarray]]:
+        """(what is wrong, mask over the records) for every way a stored record can be invalid."""
+        raise NotImplementedError
+
+    def record_bytes(self, num_classes: int) -> int:
+        """Bytes this store keeps per (image, view) record."""
+        return sum(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+                   for shape, dtype in self.datasets(num_classes).values())
+
+    def _cast(self, values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+        """`values` as the stored float type, refusing values that overflow it (fp16 tops out at 65504)."""
+        with np.errstate(over="ignore"):
+            out = values.astype(dtype)
+        overflow = ~np.isfinite(out) & np.isfinite(values)  # NaN and Inf in `values` are the record checks' to name
+        if overflow.any():
+            raise CacheError(f"a teacher logit of {float(values[overflow].flat[0]):.3g} does not fit --store "
+                             f"{self.store}; use --store fp32")
+        return out
+
+    def __repr__(self) -> str:
+        return f"store_codec({self.store!r})"
+
+
+class FullLogits(StoreCodec):
+    """Every class's logit, rounded to float32 (``fp32``) or float16 (``fp16``)."""
+
+    def __init__(self, store: str, dtype: type, tolerance: float) -> None:
+        self.store, self.dtype, self.tolerance = store, np.dtype(dtype), tolerance
+
+    def datasets(self, num_classes: int) -> Layout:
+        return {"logits": ((num_classes,), self.dtype)}
+
+    def encode(self, logits: np.ndarray) -> dict[str, np.ndarray]:
+        return {"logits": self._cast(logits, self.dtype)}
+
+    def decode(self, arrays: dict[str, np.ndarray], num_classes: int) -> np.ndarray:
+        return arrays["logits"].astype(np.float32)
+
+    def compared_classes(self, logits: np.ndarray) -> np.ndarray:
+        return np.broadcast_to(np.arange(logits.shape[-1]), logits.shape)
+
+    def faults(self, arrays: dict[str, np.ndarray], num_classes: int) -> list[tuple[str, np.ndarray]]:
+        return [("the logits hold NaN or Inf", ~np.isfinite(arrays["logits"]).all(axis=-1))]
+
+
+class TopK(StoreCodec):
+    """The k largest logits and their classes, plus the log-sum-exp of all C.
+
+    Decoding gives every other class the logit that spreads the remaining
+    probability mass (at T=1) evenly over them, so the kept classes keep their
+    probabilities and the tail is flat.
+    """
+
+    tolerance = 2e-2  # the kept logits are float16, and a dump may run under AMP
+
+    def __init__(self, k: int) -> None:
+        self.store, self.classes_kept = f"topk:{k}", k
+
+    @staticmethod
+    def _index_dtype(num_classes: int) -> np.dtype:
+        return np.dtype(np.int16) if num_classes <= 32767 else np.dtype(np.int32)
+
+    def datasets(self, num_classes: int) -> Layout:
+        k = self.classes_kept
+        return {"topk_values": ((k,), np.dtype(np.float16)),
+                "topk_indices": ((k,), self._index_dtype(num_classes)),
+                "logsumexp": ((), np.dtype(np.float32))}
+
+    def encode(self, logits: np.ndarray) -> dict[str, np.ndarray]:
+        order = np.argsort(-logits, axis=-1, kind="stable")[..., :self.classes_kept]
+        values = np.take_along_axis(logits, order, axis=-1)
+        peak = logits.max(axis=-1, keepdims=True)
+        lse = (peak + np.log(np.exp(logits - peak).sum(axis=-1, keepdims=True)))[..., 0]
+        return {"topk_values": self._cast(values, np.dtype(np.float16)),
+                "topk_indices": order.astype(self._index_dtype(logits.shape[-1])),
+                "logsumexp": lse.astype(np.float32)}
+
+    def decode(self, arrays: dict[str, np.ndarray], num_classes: int) -> np.ndarray:
+        values = arrays["topk_values"].astype(np.float32)
+        index = arrays["topk_indices"].astype(np.int64)
+        lse = arrays["logsumexp"].astype(np.float32)[..., None]
+        top = values.shape[-1]
+        if top >= num_classes:
+            out = np.empty(values.shape[:-1] + (num_classes,), dtype=np.float32)
+            np.put_along_axis(out, index, values, axis=-1)
+            return out
+        kept = np.exp(values - lse).sum(axis=-1, keepdims=True)
+        rest = np.clip(1.0 - kept, 1e-12, None) / (num_classes - top)
+        out = np.broadcast_to(lse + np.log(rest), values.shape[:-1] + (num_classes,)).copy()
+        np.put_along_axis(out, index, values, axis=-1)
+        return out
+
+    def compared_classes(self, logits: np.ndarray) -> np.ndarray:
+        # Only the kept classes are stored exactly; the decoded tail is an approximation by design.
+        return np.argsort(-logits, axis=-1)[..., :self.classes_kept]
+
+    def faults(self, arrays: dict[str, np.ndarray], num_classes: int) -> list[tuple[str, np.ndarray]]:
+        values, index = arrays["topk_values"], arrays["topk_indices"]
+        ordered = np.sort(index, axis=-1)
+        return [("the top-k logits hold NaN or Inf",
+                 ~np.isfinite(values).all(axis=-1) | ~np.isfinite(arrays["logsumexp"])),
+                (f"a top-k class index is outside [0, {num_classes})",
+                 ((index < 0) | (index >= num_classes)).any(axis=-1)),
+                ("a top-k class index repeats", (ordered[..., 1:] == ordered[..., :-1]).any(axis=-1))]
+
+
+def store_codec(store: str, num_classes: int | None = None) -> StoreCodec:
+    """The codec of a ``--store`` value (fp16, fp32 or topk:K); with `num_classes`, also check that K fits."""
+    codec: StoreCodec | None = None
+    if store == "fp32":
+        codec = FullLogits("fp32", np.float32, 1e-3)  # a different batch composition or BLAS: float32 rounding
+    elif store == "fp16":
+        codec = FullLogits("fp16", np.float16, 2e-2)  # half precision (2^-11 relative) and a dump under AMP
+    elif isinstance(store, str) and store.startswith("topk:") and store[5:].isdigit() and int(store[5:]) >= 1:
+        codec = TopK(int(store[5:]))
+    if codec is None:
+        raise CacheError(f"--store must be fp16, fp32 or topk:K with K >= 1, got '{store}'")
+    if num_classes is not None and codec.classes_kept is not None and codec.classes_kept > num_classes:
+        raise CacheError(f"--store {store} keeps more classes than the teacher has ({num_classes})")
+    return codec
+
+
+def parse_store(store: str) -> tuple[str, int]:
+    """('fp16', 0), ('fp32', 0) or ('topk', k) from a --store value (kept for callers of kdcache 0.1)."""
+    codec = store_codec(store)
+    return (store, 0) if codec.classes_kept is None else ("topk", codec.classes_kept)
