@@ -56,7 +56,7 @@ class FileLock:
 
     def acquire(self) -> FileLock:
         """Take the lock or raise a one-line CacheError (another dump holds it, or the folder is not writable)."""
-        _make_folder(self.path.parent)
+        _make_folder(self.path)
         for _ in range(100):  # retried only when the file was replaced between open and flock
             fd = self._open()
             try:
@@ -114,14 +114,16 @@ class FileLock:
         self.release()
 
 
-def _make_folder(folder: Path) -> None:
+def _make_folder(path: Path) -> None:
+    """The folder `path` goes in, created if missing."""
+    folder = path.parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         blocker = next((p for p in (folder, *folder.parents) if p.exists()), folder)
         if not blocker.is_dir():
-            raise CacheError(f"cannot create the folder {folder}: {blocker} is a file, not a folder") from None
-        raise CacheError(f"cannot create the folder {folder}: {_reason(e)}") from None
+            raise CacheError(f"cannot create {path}: {blocker} is a file, not a folder") from None
+        raise CacheError(f"cannot create the folder {folder} for {path}: {_reason(e)}") from None
 
 
 def _same_file(fd: int, path: Path) -> bool:
