@@ -7,8 +7,13 @@ schema in :mod:`kdcache.cache`) that also records ``part_rank`` and
 ``part_world_size``. Once every part is complete, rank 0 copies the parts'
 rows into ``OUT`` in row order, bit for bit, and deletes them. Every step
 resumes: a part still ``.partial`` continues where it stopped, a complete
-part is reused, and an interrupted merge continues in its own
-``OUT.partial``. The part files must lie on a file system every node sees.
+part is reused, an interrupted merge continues in its own ``OUT.partial``,
+and a merge stopped after its rename but before deleting the parts is
+finished by the rerun, which finds OUT complete with its settings and deletes
+the parts. Each rank locks its own part file and rank 0 also locks OUT (see
+:mod:`kdcache.lock`), so the ranks of one job never wait on each other while
+a second job is refused. The part files must lie on a file system every node
+sees.
 """
 
 from __future__ import annotations

@@ -117,6 +117,8 @@ def check_input_size(teacher: nn.Module, name: str, img_size: int, prep: Preproc
     blank = torch.zeros(1, 3, img_size, img_size, dtype=torch.uint8)
     try:
         teacher_logits(teacher, blank, prep, device, amp)
+    except torch.cuda.OutOfMemoryError:
+        raise  # not the input size's fault
     except (RuntimeError, ValueError, AssertionError) as e:  # torch and timm word a bad input size in these
         first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
         raise KdcacheError(f"teacher {name} cannot take --img-size {img_size} inputs: {first}") from None
