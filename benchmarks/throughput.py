@@ -1,7 +1,7 @@
 """Training throughput of plain, cached and online KD, dump overhead, and the ten-run study's cost.
 
     python benchmarks/throughput.py --data DATA [--teacher convnext_nano] [--student pvt_v2_b0]
-        [--img-size 32] [--batch-size 128] [--views 10] [--out benchmarks/results/throughput]
+        [--img-size 32] [--batch-size 128] [--views 10] [--out benchmarks/results/throughput] [--dump-only]
 
 What it measures, all on the same crops and batch order:
 
@@ -147,6 +147,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="passes over the three modes, in alternating order")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--skip-paper-flops", action="store_true")
+    parser.add_argument("--dump-only", action="store_true",
+                        help="measure only the dump against bare inference; print JSON, write no result files")
     parser.add_argument("--out", default="benchmarks/results/throughput")
     args = parser.parse_args()
 
@@ -173,6 +175,12 @@ def main() -> None:
                              views=args.views, run=RunOptions(**{**run.__dict__, "batch_size": args.dump_batch_size})))
     bare = bare_inference_rate(args.teacher, checkpoint, args.data, args.img_size, args.views, args.dump_batch_size, 0, crops,
                                batches=16, repeats=args.repeats, device=device)
+    if args.dump_only:
+        print(json.dumps({"dump_records_per_second": dumped["records_per_second"],
+                          "bare_inference_records_per_second": bare,
+                          "dump_over_bare_inference": dumped["records_per_second"] / bare["median"]}))
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
 
     def config(student: str, **mode) -> TrainConfig:
         return TrainConfig(model=student, out=str(tmp / "unused"), run=run, optim=optim, epochs=args.epochs,

@@ -18,9 +18,15 @@ is a 63-bit hash of that relative path, so ids never depend on how the file
 system lists a folder, on worker count or on batch order.
 
 The fingerprint is a SHA-256 over the split's class names, ids, labels and a
-per-sample content hash (file size plus the first and last 64 KiB of the file;
-the pixels for digits). It is stored in a cache and checked when the cache is
-used, so a different dataset, split, order or a changed image is caught.
+per-sample content hash. It is stored in a cache and checked when the cache is
+used, so a different dataset, split, order or a changed image is caught. The
+content hash has a named scheme, which a cache records with its fingerprint:
+
+* ``blake2b-file`` (new dumps): BLAKE2b over the file's size and all its bytes;
+* ``head-tail-64k`` (caches written before): the file's size and its first and
+  last 64 KiB only, so a change in the middle of a large image went unseen.
+
+Digits hash their pixels under either scheme.
 """
 
 from __future__ import annotations
@@ -50,7 +56,12 @@ _TV_SUFFIXES = {".jpg", ".jpeg", ".png"}
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 DIGITS_SIZE = 32  # the 8x8 digits are upscaled to this once, at load time
-_HASH_SPAN = 64 * 1024  # bytes hashed from each end of a file
+_HASH_SPAN = 64 * 1024  # bytes hashed from each end of a file by the old scheme
+_READ_BLOCK = 1024**2  # bytes read at a time when a whole file is hashed
+
+HEAD_TAIL = "head-tail-64k"
+WHOLE_FILE = "blake2b-file"
+CONTENT_HASH_SCHEMES = (WHOLE_FILE, HEAD_TAIL)  # the first is the one new caches use
 
 
 def _hash64(data: bytes) -> int:
@@ -82,22 +93,45 @@ class ImageSet:
         """A human-readable name of row `index`, for error messages."""
         raise NotImplementedError
 
-    def _content_hash(self, index: int) -> int:
+    def _content_hash(self, index: int, scheme: str) -> int:
         raise NotImplementedError
 
-    @cached_property
+    @property
+    def content_hash_scheme(self) -> str:
+        """The scheme of :attr:`content_hashes` and :attr:`fingerprint`: the one a new cache records."""
+        return CONTENT_HASH_SCHEMES[0]
+
+    @property
     def content_hashes(self) -> np.ndarray:
-        """Per-sample content hashes (uint64), computed once."""
-        return np.array([self._content_hash(i) for i in range(len(self))], dtype=np.uint64)
+        """Per-sample content hashes (uint64) of the current scheme."""
+        return self.content_hashes_for(self.content_hash_scheme)
+
+    @property
+    def fingerprint(self) -> str:
+        """The dataset fingerprint of the current scheme."""
+        return self.fingerprint_for(self.content_hash_scheme)
 
     @cached_property
-    def fingerprint(self) -> str:
-        """SHA-256 over classes, ids, labels and content hashes, as hex."""
+    def _hashes(self) -> dict[str, np.ndarray]:
+        return {}
+
+    def content_hashes_for(self, scheme: str) -> np.ndarray:
+        """Per-sample content hashes (uint64) of `scheme` (one of CONTENT_HASH_SCHEMES), computed once."""
+        if scheme not in CONTENT_HASH_SCHEMES:
+            raise DataError(f"unknown content hash scheme '{scheme}' (this kdcache knows "
+                            f"{', '.join(CONTENT_HASH_SCHEMES)}); a newer kdcache wrote it, use that")
+        if scheme not in self._hashes:
+            self._hashes[scheme] = np.array([self._content_hash(i, scheme) for i in range(len(self))],
+                                            dtype=np.uint64)
+        return self._hashes[scheme]
+
+    def fingerprint_for(self, scheme: str) -> str:
+        """SHA-256 over classes, ids, labels and the content hashes of `scheme`, as hex."""
         h = hashlib.sha256()
         h.update("\n".join(self.classes).encode())
         h.update(np.ascontiguousarray(self.ids, dtype="<i8").tobytes())
         h.update(np.ascontiguousarray(self.labels, dtype="<i8").tobytes())
-        h.update(np.ascontiguousarray(self.content_hashes, dtype="<u8").tobytes())
+        h.update(np.ascontiguousarray(self.content_hashes_for(scheme), dtype="<u8").tobytes())
         return h.hexdigest()
 
 
@@ -127,8 +161,8 @@ class DigitsSet(ImageSet):
     def describe(self, index: int) -> str:
         return f"digits image {int(self.ids[index])}"
 
-    def _content_hash(self, index: int) -> int:
-        return _hash64(self._images[index].numpy().tobytes())
+    def _content_hash(self, index: int, scheme: str) -> int:
+        return _hash64(self._images[index].numpy().tobytes())  # the pixels, under every scheme
 
 
 class FileImageSet(ImageSet):
@@ -169,18 +203,22 @@ class FileImageSet(ImageSet):
         except Exception as e:  # PIL raises several types for a broken file
             raise DataError(f"cannot decode image {path}: {e}") from None
 
-    def _content_hash(self, index: int) -> int:
+    def _content_hash(self, index: int, scheme: str) -> int:
         path = self.path(index)
         try:
             with open(path, "rb") as f:
                 size = f.seek(0, 2)
                 f.seek(0)
-                head = f.read(_HASH_SPAN)
-                f.seek(max(size - _HASH_SPAN, _HASH_SPAN))
-                tail = f.read()
+                if scheme == HEAD_TAIL:
+                    head = f.read(_HASH_SPAN)
+                    f.seek(max(size - _HASH_SPAN, _HASH_SPAN))
+                    return _hash64(size.to_bytes(8, "little") + head + f.read())
+                h = hashlib.blake2b(size.to_bytes(8, "little"), digest_size=8)
+                while block := f.read(_READ_BLOCK):
+                    h.update(block)
         except OSError as e:
             raise DataError(f"cannot read image {path}: {e.strerror or e}") from None
-        return _hash64(size.to_bytes(8, "little") + head + tail)
+        return int.from_bytes(h.digest(), "little") >> 1
 
 
 def _list_images(folder: Path) -> list[Path]:

@@ -7,13 +7,19 @@ schema in :mod:`kdcache.cache`) that also records ``part_rank`` and
 ``part_world_size``. Once every part is complete, rank 0 copies the parts'
 rows into ``OUT`` in row order, bit for bit, and deletes them. Every step
 resumes: a part still ``.partial`` continues where it stopped, a complete
-part is reused, and an interrupted merge continues in its own
-``OUT.partial``. The part files must lie on a file system every node sees.
+part is reused, an interrupted merge continues in its own ``OUT.partial``,
+and a merge stopped after its rename but before deleting the parts is
+finished by the rerun, which finds OUT complete with its settings and deletes
+the parts. Each rank locks its own part file and rank 0 also locks OUT (see
+:mod:`kdcache.lock`), so the ranks of one job never wait on each other while
+a second job is refused. The part files must lie on a file system every node
+sees.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import numpy as np
@@ -41,12 +47,54 @@ def part_info(info: CacheInfo, rows: np.ndarray) -> CacheInfo:
     return dataclasses.replace(info, num_samples=len(rows))
 
 
+def _part_files(out: Path, partial: bool) -> dict[Path, tuple[int, int]]:
+    """{part file beside `out`: (rank, world size)}: the complete ones, and with `partial` the partial ones too."""
+    pattern = re.compile(re.escape(out.name) + r"\.rank(\d+)-of-(\d+)" + (r"(\.partial)?" if partial else "") + "$")
+    found = {}
+    for p in out.parent.glob(f"{out.name}.rank*-of-*"):
+        match = pattern.match(p.name)
+        if match:
+            found[p] = (int(match[1]), int(match[2]))
+    return found
+
+
 def other_parts(out: str | Path, world_size: int) -> list[Path]:
     """Part files beside `out` left by a dump with another number of processes (they are not used)."""
-    out = Path(out)
-    mine = f"-of-{world_size}"
-    return sorted(p for p in out.parent.glob(f"{out.name}.rank*-of-*")
-                  if not p.name.removesuffix(".partial").endswith(mine))
+    return sorted(p for p, (_, w) in _part_files(Path(out), partial=True).items() if w != world_size)
+
+
+def leftover_parts(out: str | Path) -> list[Path]:
+    """The complete part files beside `out`, of any number of processes."""
+    return sorted(_part_files(Path(out), partial=False))
+
+
+def matching_parts(out: str | Path, info: CacheInfo, sample_ids: np.ndarray) -> list[Path]:
+    """The complete part files beside `out` that a merge of the dump `info` would copy into `out`."""
+    n = info.num_samples
+    found = []
+    for path, (rank, world_size) in sorted(_part_files(Path(out), partial=False).items()):
+        if rank >= world_size:
+            continue
+        try:
+            check_part(path, part_info(info, np.arange(rank, n, world_size)), rank, world_size,
+                       sample_ids[rank::world_size]).close()
+        except CacheError:
+            continue
+        found.append(path)
+    return found
+
+
+def is_finished(out: str | Path, info: CacheInfo, sample_ids: np.ndarray) -> bool:
+    """True when `out` is a complete cache of exactly the dump `info` (its settings and its images)."""
+    try:
+        reader = CacheReader(out, preload=False)
+    except CacheError:
+        return False
+    try:
+        return not settings_mismatch(reader.info.settings(), info.settings()) and np.array_equal(
+            reader.sample_ids, sample_ids)
+    finally:
+        reader.close()
 
 
 def check_part(path: Path, info: CacheInfo, rank: int, world_size: int, sample_ids: np.ndarray) -> CacheReader:

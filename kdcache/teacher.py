@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import datetime as _dt
 import time
 from pathlib import Path
@@ -12,11 +14,13 @@ from torch import nn
 
 from . import distributed, parts
 from .augment import Preprocess, normalize
+from .background import BackgroundWriter
 from .cache import CacheInfo, CacheWriter, parse_store
 from .config import DumpConfig
 from .data import ImageSet, open_dataset
-from .errors import CacheError
+from .errors import CacheError, KdcacheError
 from .loaders import DumpViews, dump_loader
+from .lock import FileLock
 from .models import build, file_sha256
 from .report import Progress
 from .train import amp_dtype, resolve_device
@@ -51,6 +55,9 @@ def dump(config: DumpConfig, progress: Progress | None = None) -> dict:
     Resumes an interrupted dump of the same settings. Under torchrun each rank
     dumps its share of the images into a part file and rank 0 merges the parts
     (see :mod:`kdcache.parts`); the cache is the one a single process writes.
+    Everything that can be checked (the store against the classes, the input
+    size against the teacher) is checked before any file is made, and the
+    files of the dump are locked for its whole length (see :mod:`kdcache.lock`).
     Returns a summary dict (on ranks other than 0 without the file's path and size).
     """
     with distributed.session():
@@ -59,48 +66,125 @@ def dump(config: DumpConfig, progress: Progress | None = None) -> dict:
 
 def _dump(config: DumpConfig, progress: Progress) -> dict:
     run = config.run
-    parse_store(config.store)  # reject a bad --store before any work
-    if config.views < 1:
-        raise CacheError(f"--views must be at least 1, got {config.views}")
     out = Path(config.out)
-    if out.exists() and not config.force:
+    several = distributed.Dist.from_env().enabled
+    # A rerun after a merge that was killed between its rename and its clean-up finds OUT and part files;
+    # it may finish the job (below), so only a plain existing OUT is refused this early.
+    if out.exists() and not config.force and not several and not parts.leftover_parts(out):
         raise CacheError(f"{out} already exists; pass --force to overwrite it")
     dist, device = distributed.init(resolve_device(run.device), timeout=MERGE_WAIT)
     amp = amp_dtype(device, run.amp)
     img_size = run.img_size or 224
     train = open_dataset(run.data, "train")
+    check_store(config.store, train.num_classes)
     torch.manual_seed(run.seed)  # only matters for a teacher without weights (tests, smoke runs)
     teacher = load_teacher(config.teacher, train.num_classes, img_size, device, config.checkpoint, config.pretrained)
     prep = Preprocess.for_model(teacher, img_size)
-    info = CacheInfo(
-        num_samples=len(train), num_views=config.views, num_classes=train.num_classes, seed=run.seed,
+    check_input_size(teacher, config.teacher, img_size, prep, device, amp)
+
+    # Only now are files made, and every one of them under a lock.
+    with contextlib.ExitStack() as stack:
+        targets = [parts.part_path(out, dist.rank, dist.world_size)] if dist.enabled else []
+        targets += [out] if dist.is_main() else []
+        for target in sorted(targets):
+            lock = stack.enter_context(FileLock(target))
+            if lock.unsupported:
+                progress.note(f"the file system of {target} cannot lock files; make sure no other dump writes it")
+        info = cache_info(config, train, prep, img_size)
+        if out.exists() and not config.force:
+            return _already_done(config, info, train, dist, progress)
+        stale = parts.other_parts(out, dist.world_size)
+        if stale:
+            progress.note(f"{len(stale)} part files of a dump with another number of processes are not used "
+                          f"(e.g. {stale[0].name}); delete them when this dump is done")
+        dumper = _Dumper(teacher, train, prep, device, amp, config, progress)
+        if not dist.enabled:
+            return _dump_alone(config, info, train, dumper, progress)
+        return _dump_part_and_merge(config, info, train, dumper, dist, progress)
+
+
+def check_store(store: str, num_classes: int) -> None:
+    """Refuse a top-k store that keeps more classes than the dataset has, before any file is made."""
+    kind, k = parse_store(store)  # merge: the cache helper's store_codec(store, num_classes) checks this
+    if kind == "topk" and k > num_classes:
+        raise CacheError(f"--store topk:{k} keeps more classes than the dataset has ({num_classes}); "
+                         f"choose K <= {num_classes}")
+
+
+def check_input_size(teacher: nn.Module, name: str, img_size: int, prep: Preprocess, device: torch.device,
+                     amp: torch.dtype | None = None) -> None:
+    """One forward pass of a blank image, so an input the teacher cannot take fails before any work or file."""
+    blank = torch.zeros(1, 3, img_size, img_size, dtype=torch.uint8)
+    try:
+        teacher_logits(teacher, blank, prep, device, amp)
+    except torch.cuda.OutOfMemoryError:
+        raise  # not the input size's fault
+    except (RuntimeError, ValueError, AssertionError) as e:  # torch and timm word a bad input size in these
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise KdcacheError(f"teacher {name} cannot take --img-size {img_size} inputs: {first}") from None
+
+
+def cache_info(config: DumpConfig, train: ImageSet, prep: Preprocess, img_size: int) -> CacheInfo:
+    """The settings the dump records in its cache (hashes every image, for the fingerprint)."""
+    return CacheInfo(
+        num_samples=len(train), num_views=config.views, num_classes=train.num_classes, seed=config.run.seed,
         store=config.store, teacher=config.teacher, teacher_checkpoint=config.checkpoint or "",
         teacher_checkpoint_sha256=file_sha256(config.checkpoint) if config.checkpoint else "",
         teacher_pretrained=bool(config.pretrained and not config.checkpoint), input_size=img_size,
         mean=prep.mean, std=prep.std, interpolation=prep.interpolation, crop_pct=prep.crop_pct,
         crop_scale=tuple(config.crops.scale), crop_ratio=tuple(config.crops.ratio), hflip=config.crops.hflip,
         dataset_name=train.name, dataset_split=train.split, dataset_fingerprint=train.fingerprint,
-        class_names=tuple(train.classes),
+        class_names=tuple(train.classes), **_content_hash_field(train),
     )
-    stale = parts.other_parts(out, dist.world_size)
-    if stale:
-        progress.note(f"{len(stale)} part files of a dump with another number of processes are not used "
-                      f"(e.g. {stale[0].name}); delete them when this dump is done")
-    dumper = _Dumper(teacher, train, prep, device, amp, config, progress)
 
-    if not dist.enabled:
-        writer = CacheWriter(out, info, train.ids, train.labels, train.content_hashes, force=config.force)
-        try:
-            if writer.resumed_rows:
-                progress.note(f"resuming {writer.partial}: {writer.resumed_rows} of {len(train)} images already done")
-            done, correct, seconds = dumper.fill(writer, np.arange(len(train)))
-            path = writer.finish()
-        finally:
-            writer.close()
-        return _summary(config, train, done, correct, seconds) | {"cache": str(path),
-                                                                  "file_bytes": path.stat().st_size}
 
-    # Several processes: this rank's part, then rank 0 merges all of them.
+def _content_hash_field(train: ImageSet) -> dict:
+    # merge: CacheInfo gains `content_hash` in the cache helper's branch; then pass it directly.
+    if "content_hash" in {f.name for f in dataclasses.fields(CacheInfo)}:
+        return {"content_hash": train.content_hash_scheme}
+    return {}
+
+
+def _already_done(config: DumpConfig, info: CacheInfo, train: ImageSet, dist: distributed.Dist,
+                  progress: Progress) -> dict:
+    """OUT exists: if it is this very dump, complete, finish a merge that died after its rename; else refuse.
+
+    Under torchrun, or when part files of this dump are left, a complete OUT of
+    exactly these settings means the merge renamed it into place and was
+    stopped before deleting the parts (or before the config JSON was written):
+    the parts are deleted and the dump is done, with nothing dumped.
+    """
+    out = Path(config.out)
+    leftovers = parts.matching_parts(out, info, train.ids)
+    if (dist.enabled or leftovers) and parts.is_finished(out, info, train.ids):
+        if dist.is_main():
+            for part in leftovers:
+                part.unlink(missing_ok=True)
+            if leftovers:
+                progress.note(f"{out} was already complete; deleted the {len(leftovers)} part files left behind")
+        summary = _summary(config, train, 0, 0, 0.0) | ({"processes": dist.world_size} if dist.enabled else {})
+        if not dist.is_main():
+            return summary | {"rank": dist.rank}
+        return summary | {"cache": str(out), "file_bytes": out.stat().st_size}
+    raise CacheError(f"{out} already exists; pass --force to overwrite it")
+
+
+def _dump_alone(config: DumpConfig, info: CacheInfo, train: ImageSet, dumper: _Dumper, progress: Progress) -> dict:
+    writer = CacheWriter(config.out, info, train.ids, train.labels, train.content_hashes, force=config.force)
+    try:
+        if writer.resumed_rows:
+            progress.note(f"resuming {writer.partial}: {writer.resumed_rows} of {len(train)} images already done")
+        done, correct, seconds = dumper.fill(writer, np.arange(len(train)))
+        path = writer.finish()
+    finally:
+        writer.close()
+    return _summary(config, train, done, correct, seconds) | {"cache": str(path), "file_bytes": path.stat().st_size}
+
+
+def _dump_part_and_merge(config: DumpConfig, info: CacheInfo, train: ImageSet, dumper: _Dumper,
+                         dist: distributed.Dist, progress: Progress) -> dict:
+    """Several processes: this rank's part, then rank 0 merges all of them."""
+    out = Path(config.out)
     rows = dist.shard(len(train))
     part = parts.part_path(out, dist.rank, dist.world_size)
     part_info = parts.part_info(info, rows)
@@ -166,20 +250,27 @@ class _Dumper:
         self.progress.start(f"dump {config.teacher} x{config.views} views", len(todo) * config.views)
         start = time.perf_counter()
         correct = 0
-        for batch in loader:
-            b, k = batch["images"].shape[:2]
-            logits = teacher_logits(self.teacher, batch["images"].flatten(0, 1), self.prep, self.device,
-                                    self.amp).view(b, k, -1)
-            logits = logits.cpu().numpy()
-            batch_rows = batch["rows"].numpy()
-            bad = ~np.isfinite(logits).all(axis=-1)
-            if bad.any():
-                i, v = np.argwhere(bad)[0]
-                raise CacheError(f"the teacher returned NaN or Inf for {train.describe(int(batch_rows[i]))} view {v}; "
-                                 "check the checkpoint (or dump without --amp)")
-            writer.write(np.searchsorted(rows, batch_rows), batch["boxes"].numpy(), batch["flips"].numpy(), logits)
-            correct += int((logits.argmax(-1) == train.labels[batch_rows][:, None]).sum())
-            self.progress.update(b * k)
+        background = BackgroundWriter(writer)  # batch i is stored while the teacher computes batch i+1
+        try:
+            for batch in loader:
+                b, k = batch["images"].shape[:2]
+                logits = teacher_logits(self.teacher, batch["images"].flatten(0, 1), self.prep, self.device,
+                                        self.amp).view(b, k, -1)
+                logits = logits.cpu().numpy()
+                batch_rows = batch["rows"].numpy()
+                bad = ~np.isfinite(logits).all(axis=-1)
+                if bad.any():
+                    i, v = np.argwhere(bad)[0]
+                    raise CacheError(f"the teacher returned NaN or Inf for {train.describe(int(batch_rows[i]))} "
+                                     f"view {v}; check the checkpoint (or dump without --amp)")
+                background.put(np.searchsorted(rows, batch_rows), batch["boxes"].numpy(), batch["flips"].numpy(),
+                               logits)
+                correct += int((logits.argmax(-1) == train.labels[batch_rows][:, None]).sum())
+                self.progress.update(b * k)
+        except BaseException:
+            background.abort()  # stores what is queued: the partial resumes from there
+            raise
+        background.close()
         seconds = time.perf_counter() - start
         self.progress.stop()
         return len(todo) * config.views, correct, seconds

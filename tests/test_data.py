@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import make_stanford40, write_image
-from kdcache.data import open_dataset
+from kdcache.data import CONTENT_HASH_SCHEMES, HEAD_TAIL, WHOLE_FILE, open_dataset
 from kdcache.errors import DataError
 
 
@@ -80,3 +82,56 @@ def test_stanford40_without_header_and_errors(tmp_path: Path) -> None:
     (root / "ImageSplits" / "climbing_train.txt").unlink()
     with pytest.raises(DataError, match="climbing"):
         open_dataset(str(root), "train")
+
+
+def _bmp_folder(root: Path) -> Path:
+    """An ImageFolder of 300x300 BMPs: 270 KB files whose middle no 64 KiB head or tail covers."""
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        for split in ("train", "test"):
+            path = root / split / f"class{c}" / "0.bmp"
+            path.parent.mkdir(parents=True)
+            Image.fromarray(rng.integers(0, 256, (300, 300, 3), dtype=np.uint8)).save(path)
+    return root
+
+
+def test_fingerprint_sees_a_change_in_the_middle_of_a_large_file(tmp_path: Path) -> None:
+    root = _bmp_folder(tmp_path / "bmp")
+    before = open_dataset(str(root), "train")
+    assert before.content_hash_scheme == WHOLE_FILE
+    old = {scheme: (before.fingerprint_for(scheme), before.content_hashes_for(scheme)) for scheme in
+           CONTENT_HASH_SCHEMES}
+    assert before.fingerprint == old[WHOLE_FILE][0] and np.array_equal(before.content_hashes, old[WHOLE_FILE][1])
+
+    target = root / "train" / "class1" / "0.bmp"
+    size = target.stat().st_size
+    pixels = np.array(Image.open(target))
+    pixels[100:200] = 0  # rows 100-199 black: bytes ~90 K to ~180 K of 270 K change
+    Image.fromarray(pixels).save(target)
+    assert target.stat().st_size == size > 256 * 1024
+
+    after = open_dataset(str(root), "train")
+    assert after.fingerprint != old[WHOLE_FILE][0]
+    changed = np.flatnonzero(after.content_hashes != old[WHOLE_FILE][1])
+    assert [after.relpaths[i] for i in changed] == ["class1/0.bmp"]
+    # The scheme of caches written before misses it, which is why new dumps hash whole files.
+    assert after.fingerprint_for(HEAD_TAIL) == old[HEAD_TAIL][0]
+
+
+def test_content_hash_schemes(tmp_path: Path, image_folder: Path) -> None:
+    # The old scheme is still computed as before: size, then the first and last 64 KiB.
+    root = _bmp_folder(tmp_path / "bmp")
+    ds = open_dataset(str(root), "train")
+    data = ds.path(0).read_bytes()
+    span = 64 * 1024
+    digest = hashlib.blake2b(len(data).to_bytes(8, "little") + data[:span] + data[-span:], digest_size=8).digest()
+    assert int(ds.content_hashes_for(HEAD_TAIL)[0]) == int.from_bytes(digest, "little") >> 1
+    whole = hashlib.blake2b(len(data).to_bytes(8, "little") + data, digest_size=8).digest()
+    assert int(ds.content_hashes_for(WHOLE_FILE)[0]) == int.from_bytes(whole, "little") >> 1
+    # Files up to 128 KiB are hashed whole by both schemes, so their older caches keep fitting.
+    small = open_dataset(str(image_folder), "train")
+    assert small.fingerprint_for(HEAD_TAIL) == small.fingerprint_for(WHOLE_FILE)
+    digits = open_dataset("digits", "train")  # pixels, under every scheme
+    assert digits.fingerprint_for(HEAD_TAIL) == digits.fingerprint_for(WHOLE_FILE) == digits.fingerprint
+    with pytest.raises(DataError, match="unknown content hash scheme 'xxh3'"):
+        digits.fingerprint_for("xxh3")
