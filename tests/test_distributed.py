@@ -138,13 +138,13 @@ def test_a_dead_rank_leaves_a_resumable_dump(tmp_path: Path, digits_teacher: str
 def test_epoch_order_shards_make_up_the_one_process_batches() -> None:
     for size, batch, world in [(1348, 64, 2), (100, 32, 2), (101, 30, 3), (20, 64, 2), (5, 8, 4)]:
         one = EpochOrder(size, seed=7)
-        one.epoch = 3
+        one.set_epoch(3)
         full = list(one)
         steps = size // batch if size > batch else 1
         shards = []
         for rank in range(world):
             order = EpochOrder(size, seed=7, rank=rank, world_size=world, batch_size=batch)
-            order.epoch = 3
+            order.set_epoch(3)
             shards.append(list(order))
         assert len({len(s) for s in shards}) == 1, "every rank has the same number of rows"
         local = batch // world
@@ -169,9 +169,8 @@ def test_views_per_step_picks_the_views_and_decodes_once(one_process_cache: Path
     loads = []
     load = train.load
     train.load = lambda i: loads.append(i) or load(i)
-    cached.epoch = 1
     rows = [5, 0, 9]
-    batch = cached.__getitems__(rows)
+    batch = cached.batch(rows, epoch=1)
     assert sorted(loads) == sorted(rows), "each image is decoded once for its two views"
     assert batch["images"].shape == (6, 3, 32, 32) and batch["views"] == [2, 0]
     assert batch["rows"].tolist() == [5, 5, 0, 0, 9, 9]
