@@ -46,19 +46,33 @@ def make_folder(folder: str | Path) -> Path:
     return folder
 
 
+def _nearest_existing(folder: Path) -> Path:
+    path = folder.absolute()
+    while not path.exists():  # also False for a path through a regular file
+        path = path.parent
+    return path
+
+
 def check_writable(folder: str | Path) -> Path:
-    """Create `folder` if needed and refuse now when files cannot be written into it."""
-    folder = make_folder(folder)
-    if not os.access(folder, os.W_OK | os.X_OK):
-        why = "the file system is read-only" if _read_only(folder) else "permission denied"
-        raise OutputError(f"cannot write into the output folder {folder}: {why}")
-    return folder
+    """Refuse now when files cannot be written into `folder`; returns the folder, or the ancestor it will be made in.
+
+    Nothing is created: the folder appears with the first file written into it.
+    """
+    folder = Path(folder)
+    base = _nearest_existing(folder)
+    verb = "write into" if base == folder.absolute() else "create"
+    if not base.is_dir():
+        why = "a file of that name is in the way" if base == folder.absolute() else "a part of its path is a file"
+        raise OutputError(f"cannot create the output folder {folder}: {why}")
+    if not os.access(base, os.W_OK | os.X_OK):
+        why = "the file system is read-only" if _read_only(base) else "permission denied"
+        raise OutputError(f"cannot {verb} the output folder {folder}: {why}")
+    return base
 
 
 def check_room(folder: str | Path, need_bytes: int, what: str) -> None:
     """Refuse now, before the work, when `folder` is not writable or has less than `need_bytes` (and a margin) free."""
-    folder = check_writable(folder)
-    free = shutil.disk_usage(folder).free
+    free = shutil.disk_usage(check_writable(folder)).free
     need = need_bytes + MARGIN_BYTES
     if free < need:
         raise OutputError(f"the output folder {folder} has {_mib(free)} free, but {what} needs about {_mib(need)}; "
