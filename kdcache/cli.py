@@ -87,7 +87,8 @@ def optim_options(f: Callable) -> Callable:
         click.option("--momentum", type=float, default=d.momentum, show_default=True),
         click.option("--weight-decay", type=float, default=d.weight_decay, show_default=True),
         click.option("--sched", default=d.sched, show_default=True, help="timm scheduler name (step, cosine, ...)."),
-        click.option("--decay-epochs", type=int, default=None, help="Step decay period. [default: a third of --epochs]"),
+        click.option("--decay-epochs", type=int, default=None,
+                     help="Step decay period. [default: a third of --epochs]"),
         click.option("--decay-rate", type=float, default=d.decay_rate, show_default=True),
         click.option("--warmup-epochs", type=int, default=d.warmup_epochs, show_default=True),
     ]):

@@ -1,8 +1,11 @@
 """Frozen run configurations.
 
-Every default is written once, here, with the reason for it. The CLI builds
-these objects from its options and saves them as JSON next to the outputs, so
-a run can be audited and repeated.
+Every default is written once, here, with the reason for it. Every value is
+checked once, here too: each object refuses a bad value when it is made
+(``__post_init__``) with a :class:`~kdcache.errors.ConfigError` that names the
+CLI option, so the CLI, the loop and the loaders take the values as valid. The
+CLI builds these objects field by field from its options; a run saves its
+config as JSON next to its outputs, so it can be audited and repeated.
 """
 
 from __future__ import annotations

@@ -201,19 +201,22 @@ def _loader_kwargs(workers: int, device: torch.device, persistent: bool = False)
     return kwargs
 
 
-def train_loader(dataset: TrainViews, order: EpochOrder, batch_size: int, workers: int, device: torch.device) -> DataLoader:
+def train_loader(dataset: TrainViews, order: EpochOrder, batch_size: int, workers: int, device: torch.device,
+                 persistent: bool = True) -> DataLoader:
     """The run's one training DataLoader: batches of `dataset` in `order`, with workers kept for the whole run.
 
     Call ``order.set_epoch(epoch)`` before iterating an epoch. The last partial
     batch is dropped when there are full ones. `batch_size` counts images per
-    process; a batch holds ``views_per_step`` crops of each.
+    process; a batch holds ``views_per_step`` crops of each. ``persistent=False``
+    starts the workers anew for every iteration (the old way, one set of workers per epoch;
+    benchmarks/loader_startup.py compares the two).
     """
     batches = EpochBatches(order, batch_size, drop_last=len(order) > batch_size)
     # Its own generator: starting an iteration draws a seed from it, never from the global RNG that the
     # student's initialisation and dropout use, so training does not depend on the worker count.
     generator = torch.Generator().manual_seed(order.seed)
     return DataLoader(dataset, batch_sampler=batches, collate_fn=_identity, generator=generator,
-                      **_loader_kwargs(workers, device, persistent=True))
+                      **_loader_kwargs(workers, device, persistent=persistent))
 
 
 def dump_loader(dataset: DumpViews, rows: np.ndarray, batch_size: int, workers: int, device: torch.device) -> DataLoader:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner, Result
 
-from conftest import STUDENT, TEACHER
+from conftest import STUDENT, TEACHER, recomputed
 from kdcache.cli import main
 
 FAST = ["--img-size", "32", "--batch-size", "16", "--device", "cpu", "--opt", "adamw", "--lr", "1e-3"]
@@ -68,17 +68,6 @@ def printed_metrics(result: Result, out: Path) -> dict:
         assert shown in result.output, f"{key} {shown} not printed"
     assert Path(metrics["checkpoint"]) == out / "model.pt" and (out / "model.pt").is_file()
     return metrics
-
-
-def recomputed(metrics: dict, data: str, prep) -> dict:
-    """Top-1 and mAP of the saved checkpoint, evaluated here."""
-    from kdcache.data import open_dataset
-    from kdcache.models import build
-    from kdcache.train import evaluate
-
-    test = open_dataset(data, "test")
-    model = build(metrics["model"], test.num_classes, metrics["img_size"], checkpoint=metrics["checkpoint"])
-    return evaluate(model, test, prep, torch.device("cpu"), metrics["batch_size"], workers=0)
 
 
 @pytest.mark.slow

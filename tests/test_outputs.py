@@ -153,7 +153,8 @@ def test_full_and_read_only_disks_for_real(tmp_path: Path) -> None:
     disk = tmp_path
 
     full = on_tmpfs(tmp_path, data, "full", "256k")
-    assert full["error"] == f"cannot write {disk / 'full' / 'run' / 'config.json'}: the disk is full (no space left on device)"
+    config = disk / "full" / "run" / "config.json"
+    assert full["error"] == f"cannot write {config}: the disk is full (no space left on device)"
     assert full["files"] == ["filler"], "no 0-byte config.json, no config.json.tmp"
 
     small = on_tmpfs(tmp_path, data, "small", "4m")
