@@ -5,8 +5,11 @@ Library modules are imported inside the commands so that ``--help`` is quick.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,6 +27,20 @@ def _clean_message(e: Exception) -> str:
     return text
 
 
+def _tell_torchrun(message: str) -> None:
+    """Under torchrun, name the error in its failure summary, where it would say "To enable traceback see ...".
+
+    torchrun counts any non-zero exit as a failure and then raises (and
+    prints) its own ChildFailedError traceback; no exit status avoids that, so
+    the summary's root cause at least carries this line.
+    """
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        report = {"message": {"message": message, "extraInfo": {"timestamp": str(int(time.time()))}}}
+        with contextlib.suppress(OSError):
+            Path(path).write_text(json.dumps(report))
+
+
 class _Group(click.Group):
     """Turns kdcache's own errors into a one-line message: exit code 2 for a bad option, 1 for the rest."""
 
@@ -32,10 +49,12 @@ class _Group(click.Group):
 
         try:
             return super().invoke(ctx)
-        except ConfigError as e:
-            raise click.UsageError(_clean_message(e)) from None
         except KdcacheError as e:
-            raise click.ClickException(_clean_message(e)) from None
+            message = _clean_message(e)
+            _tell_torchrun(message)
+            if isinstance(e, ConfigError):
+                raise click.UsageError(message) from None
+            raise click.ClickException(message) from None
         except KeyboardInterrupt:
             click.echo("interrupted; a dump resumes when the same command runs again", err=True)
             sys.exit(130)

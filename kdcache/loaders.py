@@ -207,9 +207,9 @@ def train_loader(dataset: TrainViews, order: EpochOrder, batch_size: int, worker
 
     Call ``order.set_epoch(epoch)`` before iterating an epoch. The last partial
     batch is dropped when there are full ones. `batch_size` counts images per
-    process; a batch holds ``views_per_step`` crops of each. ``persistent=False``
-    starts the workers anew for every iteration (the old way, one set of workers per epoch;
-    benchmarks/loader_startup.py compares the two).
+    process; a batch holds ``views_per_step`` crops of each.
+    ``persistent=False`` starts new workers for every iteration, the old way
+    (benchmarks/loader_startup.py compares the two).
     """
     batches = EpochBatches(order, batch_size, drop_last=len(order) > batch_size)
     # Its own generator: starting an iteration draws a seed from it, never from the global RNG that the

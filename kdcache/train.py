@@ -1,9 +1,12 @@
 """The training loop, shared by teacher fine-tuning and students in every mode.
 
 :func:`fit` builds the run from a :class:`~kdcache.config.TrainConfig`, picks
-the :class:`~kdcache.targets.TargetSource` once, and runs
+the :class:`~kdcache.targets.TargetSource` once
+(:func:`~kdcache.targets.create_target_source`), and runs
 :func:`train_one_epoch` and :func:`evaluate`. Plain, cached and online runs
-differ only in that object.
+differ only in that object. One training DataLoader serves every epoch
+(:meth:`Run.loader` sets the epoch), and everything that can be refused is
+refused in :func:`prepare`, before the first epoch and the first output file.
 
 Under torchrun every process builds the same run; :mod:`kdcache.distributed`
 wraps the student in DistributedDataParallel and :class:`~kdcache.loaders.EpochOrder`

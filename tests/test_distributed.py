@@ -217,3 +217,18 @@ def test_two_process_training_takes_the_one_process_steps(tmp_path: Path, one_pr
     # The same batches and averaged gradients: the same training, up to float rounding.
     np.testing.assert_allclose([h["loss"] for h in two], [h["loss"] for h in one], rtol=1e-4)
     assert abs(metrics["top1"] - one_metrics["top1"]) <= 0.5
+
+
+@pytest.mark.slow
+def test_a_rank_error_is_named_in_torchruns_summary(tmp_path: Path) -> None:
+    """torchrun prints its own traceback for any failed rank; the root cause it names is kdcache's one line."""
+    args = ["train-student", *TRAIN, "--out", tmp_path / "s"]
+    args[args.index("--batch-size") + 1] = "63"  # not a multiple of the 2 processes
+    proc = torchrun(args, tmp_path / "logs")
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode != 0
+    root_cause = out[out.index("Root Cause"):]
+    assert "--batch-size 63 is the global batch and is split evenly over the 2 processes" in root_cause, out[-3000:]
+    assert "To enable traceback" not in root_cause
+    for rank in (0, 1):
+        assert "Traceback" not in rank_output(tmp_path / "logs", rank)
