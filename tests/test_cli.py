@@ -227,6 +227,7 @@ def test_inspect_and_verify_good_and_tampered(tmp_path: Path, digits_teacher: st
     fails(*verify, crop_edit, match="stored crops differ from their seeds")
 
 
+@pytest.mark.slow
 def test_fine_tune_from_local_checkpoint_with_another_head(tmp_path: Path, image_folder: Path) -> None:
     """--checkpoint with 1000-class weights (as an ImageNet checkpoint would be), as .pt and .safetensors."""
     from safetensors.torch import save_file
