@@ -10,8 +10,8 @@ from .cache import CacheInfo, CacheReader, record_bytes, store_codec
 from .data import open_dataset
 from .errors import CacheError
 from .report import Progress
-from .targets import preprocess_of_cache, ranges_of_cache
-from .train import check_cache_fits, resolve_device
+from .targets import check_cache_fits, preprocess_of_cache, ranges_of_cache
+from .devices import resolve_device
 
 STATS_ROWS = 50_000  # per-view statistics use at most this many rows (a fixed sample)
 

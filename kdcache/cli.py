@@ -5,9 +5,11 @@ Library modules are imported inside the commands so that ``--help`` is quick.
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import json
+import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,25 +27,37 @@ def _clean_message(e: Exception) -> str:
     return text
 
 
+def _tell_torchrun(message: str) -> None:
+    """Under torchrun, name the error in its failure summary, where it would say "To enable traceback see ...".
+
+    torchrun counts any non-zero exit as a failure and then raises (and
+    prints) its own ChildFailedError traceback; no exit status avoids that, so
+    the summary's root cause at least carries this line.
+    """
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        report = {"message": {"message": message, "extraInfo": {"timestamp": str(int(time.time()))}}}
+        with contextlib.suppress(OSError):
+            Path(path).write_text(json.dumps(report))
+
+
 class _Group(click.Group):
-    """Turns kdcache's own errors into a one-line message and exit code 1."""
+    """Turns kdcache's own errors into a one-line message: exit code 2 for a bad option, 1 for the rest."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        from .errors import KdcacheError
+        from .errors import ConfigError, KdcacheError
 
         try:
             return super().invoke(ctx)
         except KdcacheError as e:
-            raise click.ClickException(_clean_message(e)) from None
+            message = _clean_message(e)
+            _tell_torchrun(message)
+            if isinstance(e, ConfigError):
+                raise click.UsageError(message) from None
+            raise click.ClickException(message) from None
         except KeyboardInterrupt:
             click.echo("interrupted; a dump resumes when the same command runs again", err=True)
             sys.exit(130)
-
-
-def _pick(cls: type, kwargs: dict) -> dict:
-    """Pop the keyword arguments that are fields of dataclass `cls`."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {k: kwargs.pop(k) for k in list(kwargs) if k in names}
 
 
 def run_options(default_batch: int = 64, batch_help: str = "Images per optimizer step.",
@@ -53,18 +67,17 @@ def run_options(default_batch: int = 64, batch_help: str = "Images per optimizer
             click.option("--data", default="digits", show_default=True,
                          help="'digits' (built in), an ImageFolder root with train/ and test/ (or val/), "
                               "or a Stanford 40 Actions root (has ImageSplits/)."),
-            click.option("--img-size", type=click.IntRange(8, 2048), default=None, help=img_help),
-            click.option("--batch-size", type=click.IntRange(1), default=default_batch, show_default=True,
-                         help=batch_help),
-            click.option("--workers", type=click.IntRange(0), default=default_workers(), show_default=True,
+            click.option("--img-size", type=int, default=None, help=img_help),
+            click.option("--batch-size", type=int, default=default_batch, show_default=True, help=batch_help),
+            click.option("--workers", type=int, default=default_workers(), show_default=True,
                          help="DataLoader worker processes for decoding (0: decode in the main process). "
                               "Default: half the CPU cores, at most 8; 0 on 2 cores or fewer."),
             click.option("--device", default="auto", show_default=True,
                          help="auto (CUDA when available), cpu, cuda or cuda:N."),
             click.option("--amp/--no-amp", default=False, show_default=True,
                          help="Mixed precision (bfloat16, or float16 on older GPUs); CUDA only."),
-            click.option("--seed", type=click.IntRange(0), default=0, show_default=True,
-                         help="Seeds crops (with sample id and view), batch order and model init."),
+            click.option("--seed", type=int, default=0, show_default=True,
+                         help="Seeds crops (with sample id and view), batch order and model init; 0 to 2**64 - 1."),
         ]):
             f = option(f)
         return f
@@ -78,7 +91,7 @@ def crop_options(f: Callable) -> Callable:
                      help="RandomResizedCrop area range, as fractions of the image."),
         click.option("--crop-ratio", type=(float, float), default=defaults.ratio, show_default=True,
                      help="RandomResizedCrop aspect-ratio range."),
-        click.option("--hflip", type=click.FloatRange(0, 1), default=defaults.hflip, show_default=True,
+        click.option("--hflip", type=float, default=defaults.hflip, show_default=True,
                      help="Probability that a view is mirrored."),
     ]):
         f = option(f)
@@ -89,24 +102,35 @@ def optim_options(f: Callable) -> Callable:
     d = OptimOptions()
     for option in reversed([
         click.option("--opt", default=d.opt, show_default=True, help="timm optimizer name (sgd, adamw, ...)."),
-        click.option("--lr", type=click.FloatRange(0, min_open=True), default=d.lr, show_default=True),
-        click.option("--momentum", type=click.FloatRange(0, 1), default=d.momentum, show_default=True),
-        click.option("--weight-decay", type=click.FloatRange(0), default=d.weight_decay, show_default=True),
+        click.option("--lr", type=float, default=d.lr, show_default=True),
+        click.option("--momentum", type=float, default=d.momentum, show_default=True),
+        click.option("--weight-decay", type=float, default=d.weight_decay, show_default=True),
         click.option("--sched", default=d.sched, show_default=True, help="timm scheduler name (step, cosine, ...)."),
-        click.option("--decay-epochs", type=click.IntRange(1), default=None,
+        click.option("--decay-epochs", type=int, default=None,
                      help="Step decay period. [default: a third of --epochs]"),
-        click.option("--decay-rate", type=click.FloatRange(0, 1), default=d.decay_rate, show_default=True),
-        click.option("--warmup-epochs", type=click.IntRange(0), default=d.warmup_epochs, show_default=True),
+        click.option("--decay-rate", type=float, default=d.decay_rate, show_default=True),
+        click.option("--warmup-epochs", type=int, default=d.warmup_epochs, show_default=True),
     ]):
         f = option(f)
     return f
 
 
-def _crops(kwargs: dict) -> CropRanges:
-    try:
-        return CropRanges(scale=kwargs.pop("crop_scale"), ratio=kwargs.pop("crop_ratio"), hflip=kwargs.pop("hflip"))
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from None
+# The options of run_options, crop_options and optim_options become config objects here, field by field;
+# the objects check the values (see kdcache.config).
+
+def _run(o: dict) -> RunOptions:
+    return RunOptions(data=o["data"], img_size=o["img_size"], batch_size=o["batch_size"], workers=o["workers"],
+                      device=o["device"], amp=o["amp"], seed=o["seed"])
+
+
+def _crops(o: dict) -> CropRanges:
+    return CropRanges(scale=o["crop_scale"], ratio=o["crop_ratio"], hflip=o["hflip"])
+
+
+def _optim(o: dict) -> OptimOptions:
+    return OptimOptions(opt=o["opt"], lr=o["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"],
+                        sched=o["sched"], decay_epochs=o["decay_epochs"], decay_rate=o["decay_rate"],
+                        warmup_epochs=o["warmup_epochs"])
 
 
 def _is_main() -> bool:
@@ -145,27 +169,21 @@ def main() -> None:
     """
 
 
-def _train_command(kwargs: dict, out: str, mode_title: str, **extra: Any) -> None:
+def _train(config: TrainConfig, mode_title: str) -> None:
+    """Run `config` (fit writes OUT/config.json once the run is prepared) and print its results."""
     from .train import fit
 
-    crops = _crops(kwargs)
-    run = RunOptions(**_pick(RunOptions, kwargs))
-    optim = OptimOptions(**_pick(OptimOptions, kwargs))
-    config = TrainConfig(run=run, optim=optim, crops=crops, out=out, **kwargs, **extra)
-    main_process = _is_main()
-    if main_process:
-        save_json(config, Path(out) / "config.json")
     result = fit(config, progress=_progress())
-    if main_process:
+    if _is_main():
         _print_result(f"{mode_title}: {result['model']} ({result['mode']})", result,
                       ["top1", "mAP", "epochs", "processes", "views_per_step", "images_per_second",
                        "train_seconds", "wall_seconds", "checkpoint"])
-        click.echo(f"metrics: {Path(out) / 'metrics.json'}")
+        click.echo(f"metrics: {Path(config.out) / 'metrics.json'}")
 
 
 @main.command("train-teacher")
 @click.option("--model", default="convnext_small", show_default=True, help="timm model name of the teacher.")
-@click.option("--epochs", type=click.IntRange(1), default=15, show_default=True)
+@click.option("--epochs", type=int, default=TrainConfig.epochs, show_default=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder (checkpoint, metrics.json).")
 @click.option("--pretrained", is_flag=True, help="Start from timm's pretrained weights (needs network access).")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
@@ -174,7 +192,7 @@ def _train_command(kwargs: dict, out: str, mode_title: str, **extra: Any) -> Non
 @run_options(img_help="Input size in pixels. [default: 224]")
 @optim_options
 @crop_options
-def train_teacher(out: str, **kwargs: Any) -> None:
+def train_teacher(model: str, epochs: int, out: str, pretrained: bool, checkpoint: str | None, **o: Any) -> None:
     """Train or fine-tune a teacher with plain supervised training.
 
     Defaults follow the paper's recipe: SGD, lr 1e-3, momentum 0.9, weight
@@ -184,7 +202,8 @@ def train_teacher(out: str, **kwargs: Any) -> None:
     Example:
       kdcache train-teacher --data cifar10-jpg --model convnext_atto --img-size 32 --epochs 10 --out runs/teacher
     """
-    _train_command(kwargs, out, "teacher")
+    _train(TrainConfig(model=model, out=out, run=_run(o), optim=_optim(o), epochs=epochs, crops=_crops(o),
+                       pretrained=pretrained, checkpoint=checkpoint), "teacher")
 
 
 @main.command("dump-teacher")
@@ -192,7 +211,7 @@ def train_teacher(out: str, **kwargs: Any) -> None:
 @click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
               help="The teacher's weights (e.g. OUT/model.pt of train-teacher).")
 @click.option("--pretrained", is_flag=True, help="Use timm's pretrained weights instead of --checkpoint.")
-@click.option("--views", type=click.IntRange(1), default=15, show_default=True,
+@click.option("--views", type=int, default=DumpConfig.views, show_default=True,
               help="Seeded crops per image (a student epoch e uses view e mod K).")
 @click.option("--store", default="fp16", show_default=True, help="Logit storage: fp16, fp32 or topk:K.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="The cache file to write (.h5).")
@@ -202,7 +221,7 @@ def train_teacher(out: str, **kwargs: Any) -> None:
              img_help="Input size in pixels. [default: 224]")
 @crop_options
 def dump_teacher(teacher: str, checkpoint: str | None, pretrained: bool, views: int, store: str, out: str,
-                 force: bool, **kwargs: Any) -> None:
+                 force: bool, **o: Any) -> None:
     """Run the teacher once over K seeded views of every training image into one HDF5 cache.
 
     The crop of (seed, sample id, view) is stored with the teacher's logits, so
@@ -221,12 +240,11 @@ def dump_teacher(teacher: str, checkpoint: str | None, pretrained: bool, views: 
     """
     from .teacher import dump
 
+    config = DumpConfig(teacher=teacher, out=out, run=_run(o), checkpoint=checkpoint, pretrained=pretrained,
+                        views=views, crops=_crops(o), store=store, force=force)
     main_process = _is_main()
     if checkpoint is None and not pretrained and main_process:
         click.echo("note: no --checkpoint or --pretrained: the teacher has random weights", err=True)
-    crops = _crops(kwargs)
-    config = DumpConfig(teacher=teacher, checkpoint=checkpoint, pretrained=pretrained, views=views, store=store,
-                        out=out, force=force, crops=crops, run=RunOptions(**_pick(RunOptions, kwargs)))
     result = dump(config, progress=_progress())
     if main_process:
         save_json(config, Path(out).with_name(Path(out).name + ".config.json"))
@@ -237,7 +255,7 @@ def dump_teacher(teacher: str, checkpoint: str | None, pretrained: bool, views: 
 
 @main.command("train-student")
 @click.option("--model", required=True, help="timm model name of the student.")
-@click.option("--epochs", type=click.IntRange(1), default=15, show_default=True)
+@click.option("--epochs", type=int, default=TrainConfig.epochs, show_default=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder (checkpoint, metrics.json).")
 @click.option("--cached", type=click.Path(dir_okay=False), default=None,
               help="Cached KD: replay crops and teacher logits from this cache.")
@@ -247,19 +265,21 @@ def dump_teacher(teacher: str, checkpoint: str | None, pretrained: bool, views: 
 @click.option("--teacher-checkpoint", type=click.Path(dir_okay=False), default=None,
               help="Weights of --online-teacher.")
 @click.option("--teacher-pretrained", is_flag=True, help="Online teacher with timm's pretrained weights.")
-@click.option("--alpha", type=click.FloatRange(0, 1), default=TrainConfig.alpha, show_default=True,
-              help="Weight of the label cross-entropy; 1 - alpha weighs the KD term.")
-@click.option("--temperature", type=click.FloatRange(0, min_open=True), default=TrainConfig.temperature,
-              show_default=True, help="Softmax temperature T of the KD term (scaled by T^2).")
+@click.option("--alpha", type=float, default=TrainConfig.alpha, show_default=True,
+              help="Weight of the label cross-entropy, in [0, 1]; 1 - alpha weighs the KD term.")
+@click.option("--temperature", type=float, default=TrainConfig.temperature,
+              show_default=True, help="Softmax temperature T (> 0) of the KD term (scaled by T^2).")
 @click.option("--pretrained", is_flag=True, help="Start the student from timm's pretrained weights.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), default=None, help="Start the student from local weights.")
-@click.option("--views-per-step", type=click.IntRange(1), default=TrainConfig.views_per_step, show_default=True,
+@click.option("--views-per-step", type=int, default=TrainConfig.views_per_step, show_default=True,
               help="Decode each image once per step and train on M of its views (FKD's multi-crop): the step "
                    "sees batch-size x M crops; epoch e uses views e*M .. e*M+M-1 (mod K when cached).")
 @run_options()
 @optim_options
 @crop_options
-def train_student(out: str, **kwargs: Any) -> None:
+def train_student(model: str, epochs: int, out: str, cached: str | None, preload: bool | None,
+                  online_teacher: str | None, teacher_checkpoint: str | None, teacher_pretrained: bool, alpha: float,
+                  temperature: float, pretrained: bool, checkpoint: str | None, views_per_step: int, **o: Any) -> None:
     """Train a student: plain, with cached KD (--cached) or with online KD (--online-teacher).
 
     \b
@@ -279,11 +299,11 @@ def train_student(out: str, **kwargs: Any) -> None:
     --batch-size is then the global batch, split evenly over the N processes (DDP),
     so the run takes the same steps on the same crops as one process.
     """
-    if kwargs["cached"] and kwargs["online_teacher"]:
-        raise click.UsageError("--cached and --online-teacher are two teacher sources; choose one")
-    if kwargs["teacher_checkpoint"] and not kwargs["online_teacher"]:
-        raise click.UsageError("--teacher-checkpoint goes with --online-teacher")
-    _train_command(kwargs, out, "student")
+    _train(TrainConfig(model=model, out=out, run=_run(o), optim=_optim(o), epochs=epochs,
+                       views_per_step=views_per_step, crops=_crops(o), pretrained=pretrained, checkpoint=checkpoint,
+                       alpha=alpha, temperature=temperature, cached=cached, preload=preload,
+                       online_teacher=online_teacher, teacher_checkpoint=teacher_checkpoint,
+                       teacher_pretrained=teacher_pretrained), "student")
 
 
 @main.command()

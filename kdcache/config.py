@@ -1,8 +1,11 @@
 """Frozen run configurations.
 
-Every default is written once, here, with the reason for it. The CLI builds
-these objects from its options and saves them as JSON next to the outputs, so
-a run can be audited and repeated.
+Every default is written once, here, with the reason for it. Every value is
+checked once, here too: each object refuses a bad value when it is made
+(``__post_init__``) with a :class:`~kdcache.errors.ConfigError` that names the
+CLI option, so the CLI, the loop and the loaders take the values as valid. The
+CLI builds these objects field by field from its options; a run saves its
+config as JSON next to its outputs, so it can be audited and repeated.
 """
 
 from __future__ import annotations
@@ -13,6 +16,26 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .errors import ConfigError, KdcacheError
+from .outputs import write_text
+
+# torch.manual_seed takes seeds up to 2**64 - 1 (numpy's SeedSequence takes any size), so that is the range.
+MAX_SEED = 2**64 - 1
+IMG_SIZE_RANGE = (8, 2048)  # below 8 px a crop has no content; above 2048 no model of timm's fits memory
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _in_range(option: str, value: float, lo: float, hi: float) -> None:
+    _require(lo <= value <= hi, f"{option} must be in [{lo:g}, {hi:g}], got {value:g}")
+
+
+def _at_least(option: str, value: float, lo: float) -> None:
+    _require(value >= lo, f"{option} must be at least {lo:g}, got {value:g}")
 
 
 @dataclass(frozen=True)
@@ -28,13 +51,10 @@ class CropRanges:
 
     def __post_init__(self) -> None:
         lo, hi = self.scale
-        if not 0.0 < lo <= hi <= 1.0:
-            raise ValueError(f"crop scale must satisfy 0 < min <= max <= 1, got {self.scale}")
+        _require(0.0 < lo <= hi <= 1.0, f"--crop-scale must satisfy 0 < min <= max <= 1, got {lo:g} {hi:g}")
         lo, hi = self.ratio
-        if not 0.0 < lo <= hi:
-            raise ValueError(f"crop ratio must satisfy 0 < min <= max, got {self.ratio}")
-        if not 0.0 <= self.hflip <= 1.0:
-            raise ValueError(f"hflip probability must be in [0, 1], got {self.hflip}")
+        _require(0.0 < lo <= hi, f"--crop-ratio must satisfy 0 < min <= max, got {lo:g} {hi:g}")
+        _in_range("--hflip", self.hflip, 0.0, 1.0)
 
 
 def default_workers() -> int:
@@ -64,6 +84,14 @@ class RunOptions:
     amp: bool = False  # mixed precision is opt-in; it only applies on CUDA
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        _require(bool(self.data), "--data must name a dataset ('digits' or a folder)")
+        if self.img_size is not None:
+            _in_range("--img-size", self.img_size, *IMG_SIZE_RANGE)
+        _at_least("--batch-size", self.batch_size, 1)
+        _at_least("--workers", self.workers, 0)
+        _require(0 <= self.seed <= MAX_SEED, f"--seed must be in [0, 2**64 - 1], got {self.seed}")
+
 
 @dataclass(frozen=True)
 class OptimOptions:
@@ -79,6 +107,15 @@ class OptimOptions:
     decay_epochs: int | None = None
     decay_rate: float = 0.1
     warmup_epochs: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, f"--lr must be above 0, got {self.lr:g}")
+        _in_range("--momentum", self.momentum, 0.0, 1.0)
+        _at_least("--weight-decay", self.weight_decay, 0.0)
+        if self.decay_epochs is not None:
+            _at_least("--decay-epochs", self.decay_epochs, 1)
+        _in_range("--decay-rate", self.decay_rate, 0.0, 1.0)
+        _at_least("--warmup-epochs", self.warmup_epochs, 0)
 
 
 @dataclass(frozen=True)
@@ -108,13 +145,18 @@ class TrainConfig:
     teacher_checkpoint: str | None = None
     teacher_pretrained: bool = False
 
-    @property
-    def mode(self) -> str:
-        if self.cached:
-            return "cached"
-        if self.online_teacher:
-            return "online"
-        return "plain"
+    def __post_init__(self) -> None:
+        _require(bool(self.model), "--model must name a timm model")
+        _require(bool(self.out), "--out must name an output folder")
+        _at_least("--epochs", self.epochs, 1)
+        _at_least("--views-per-step", self.views_per_step, 1)
+        _in_range("--alpha", self.alpha, 0.0, 1.0)
+        _require(self.temperature > 0, f"--temperature must be above 0, got {self.temperature:g}")
+        _require(not (self.cached and self.online_teacher),
+                 "--cached and --online-teacher are two teacher sources; choose one")
+        _require(bool(self.online_teacher) or not (self.teacher_checkpoint or self.teacher_pretrained),
+                 "--teacher-checkpoint and --teacher-pretrained go with --online-teacher")
+        _require(bool(self.cached) or self.preload is None, "--preload and --no-preload go with --cached")
 
 
 @dataclass(frozen=True)
@@ -131,6 +173,17 @@ class DumpConfig:
     store: str = "fp16"  # half the bytes of fp32; logits lose < 1e-3 relative
     force: bool = False  # overwrite a complete cache; discard a partial one of other settings
 
+    def __post_init__(self) -> None:
+        from .cache import parse_store  # the store kinds are the cache's; imported here, not at the CLI's start
+
+        _require(bool(self.teacher), "--teacher must name a timm model")
+        _require(bool(self.out), "--out must name the cache file to write")
+        _at_least("--views", self.views, 1)
+        try:
+            parse_store(self.store)  # fp16 | fp32 | topk:K with K >= 1; K <= classes is checked with the data
+        except KdcacheError as e:
+            raise ConfigError(str(e)) from None
+
 
 def to_dict(config: Any) -> dict[str, Any]:
     """A JSON-ready dict of a (nested) config dataclass."""
@@ -138,7 +191,5 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 
 def save_json(config: Any, path: str | Path) -> None:
-    """Write `config` as indented JSON, creating the parent folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(to_dict(config), indent=2, sort_keys=True) + "\n")
+    """Write `config` as indented JSON, atomically, creating the parent folder."""
+    write_text(path, json.dumps(to_dict(config), indent=2, sort_keys=True) + "\n")

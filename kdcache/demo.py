@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 from .config import CropRanges, DumpConfig, OptimOptions, RunOptions, TrainConfig
+from .outputs import write_text
 from .report import Progress
 from .teacher import dump
 from .train import fit
@@ -27,7 +29,7 @@ def run_demo(out: str | Path, device: str = "auto", progress: Progress | None = 
                               epochs=TEACHER_EPOCHS, crops=DEMO_CROPS), progress)
     cache = out / "teacher.h5"
     dump(DumpConfig(teacher=TEACHER, out=str(cache), checkpoint=teacher["checkpoint"], views=STUDENT_EPOCHS,
-                    crops=DEMO_CROPS, force=True, run=RunOptions(**{**run.__dict__, "batch_size": 256})), progress)
+                    crops=DEMO_CROPS, force=True, run=dataclasses.replace(run, batch_size=256)), progress)
     student = dict(model=STUDENT, run=run, optim=DEMO_OPTIM, epochs=STUDENT_EPOCHS, crops=DEMO_CROPS)
     runs = [("teacher", teacher),
             ("student", fit(TrainConfig(out=str(out / "student-plain"), **student), progress)),
@@ -35,5 +37,5 @@ def run_demo(out: str | Path, device: str = "auto", progress: Progress | None = 
             ("student", fit(TrainConfig(out=str(out / "student-online"), online_teacher=TEACHER,
                                         teacher_checkpoint=teacher["checkpoint"], **student), progress))]
     rows = [{"name": f"{name} {m['model']}", **m} for name, m in runs]
-    (out / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
+    write_text(out / "summary.json", json.dumps(rows, indent=2) + "\n")
     return rows

@@ -15,3 +15,11 @@ class CacheError(KdcacheError):
 
 class CheckpointError(KdcacheError):
     """A checkpoint is missing, unreadable or belongs to another architecture."""
+
+
+class ConfigError(KdcacheError, ValueError):
+    """An option value is out of range or does not go with the others; the message names the option."""
+
+
+class OutputError(KdcacheError):
+    """An output file or folder cannot be written (read-only, not a folder, disk full)."""

@@ -9,15 +9,24 @@
 Batches stay uint8 until they reach the device. The epoch's batch order is a
 permutation drawn from ``(seed, epoch)``, so every mode sees the same batches,
 and under torchrun every rank takes its share of that same permutation.
+
+The epoch reaches the workers explicitly, the way
+``DistributedSampler.set_epoch`` does it: :meth:`EpochOrder.set_epoch` runs in
+the main process before an epoch's iteration, and :class:`EpochBatches` hands
+each batch's rows to the workers as an :class:`EpochBatch` that carries its
+epoch. The dataset holds no epoch of its own, so one training DataLoader with
+persistent workers serves the whole run: workers start once, and a cache they
+load into memory is loaded once per worker per run.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
 from .augment import Preprocess, apply_crop, eval_view, sample_crop, view_rng
 from .config import CropRanges
@@ -56,6 +65,10 @@ class EpochOrder(Sampler[int]):
         self.batch_size = batch_size
         self.epoch = 0
 
+    def set_epoch(self, epoch: int) -> None:
+        """Order the rows for `epoch` from the next iteration on (call it in the main process)."""
+        self.epoch = epoch
+
     def _used(self) -> int:
         """How many entries of the permutation the ranks share out."""
         if self.world_size == 1:
@@ -78,6 +91,24 @@ class EpochOrder(Sampler[int]):
         return iter(perm.tolist())
 
 
+@dataclass(frozen=True)
+class EpochBatch:
+    """The rows of one batch and the epoch they belong to: what a worker is asked to load."""
+
+    epoch: int
+    rows: list[int]
+
+
+class EpochBatches(BatchSampler):
+    """Batches of an :class:`EpochOrder`, each tagged with the epoch the order was set to when iteration began."""
+
+    sampler: EpochOrder
+
+    def __iter__(self) -> Iterator[EpochBatch]:  # type: ignore[override]
+        epoch = self.sampler.epoch  # read now, in the main process, before any batch is handed out
+        return (EpochBatch(epoch, rows) for rows in super().__iter__())
+
+
 class TrainViews(Dataset):
     """Training batches: each image decoded once, its ``views_per_step`` views of the epoch, cached targets if any.
 
@@ -85,18 +116,16 @@ class TrainViews(Dataset):
     the view source turns a slot into a view (the slot itself when crops are
     sampled, the slot mod K when they come from a cache of K views). With M > 1
     a batch of B images holds B*M crops, image-major (image 0's M crops first),
-    so decoding is paid once per M crops.
+    so decoding is paid once per M crops. The epoch comes with each request
+    (:class:`EpochBatch`); the dataset keeps none.
     """
 
     def __init__(self, images: ImageSet, views: SeededViews | CachedViews, prep: Preprocess,
                  views_per_step: int = 1) -> None:
-        if views_per_step < 1:
-            raise ValueError(f"views_per_step must be at least 1, got {views_per_step}")
         self.images = images
         self.views = views
         self.prep = prep
         self.views_per_step = views_per_step
-        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.images)
@@ -106,12 +135,18 @@ class TrainViews(Dataset):
         m = self.views_per_step
         return [self.views.view(epoch * m + j) for j in range(m)]
 
-    def __getitem__(self, index: int) -> dict:
-        return self.__getitems__([index])
+    def __getitem__(self, index: tuple[int, int]) -> dict:
+        """The batch of one image, from ``(row, epoch)``."""
+        row, epoch = index
+        return self.batch([row], epoch)
 
-    def __getitems__(self, indices: list[int]) -> dict:
+    def __getitems__(self, request: EpochBatch) -> dict:
+        return self.batch(request.rows, request.epoch)
+
+    def batch(self, indices: list[int], epoch: int) -> dict:
+        """The crops of rows `indices` in `epoch`, with labels, rows, views and any cached teacher logits."""
         rows = np.asarray(indices, dtype=np.int64)
-        views = self.epoch_views(self.epoch)
+        views = self.epoch_views(epoch)
         pixels = [self.images.load(int(r)) for r in rows]  # decoded once for all the views
         sizes = [(int(p.shape[-2]), int(p.shape[-1])) for p in pixels]
         ids = self.images.ids[rows]
@@ -159,21 +194,29 @@ class EvalViews(Dataset):
         return eval_view(self.images.load(row), self.prep), int(self.images.labels[row])
 
 
-def _loader_kwargs(workers: int, device: torch.device) -> dict:
+def _loader_kwargs(workers: int, device: torch.device, persistent: bool = False) -> dict:
     kwargs = {"num_workers": workers, "pin_memory": device.type == "cuda"}
     if workers > 0:
-        kwargs.update(worker_init_fn=_single_thread_worker, persistent_workers=False, prefetch_factor=4)
+        kwargs.update(worker_init_fn=_single_thread_worker, persistent_workers=persistent, prefetch_factor=4)
     return kwargs
 
 
-def train_loader(dataset: TrainViews, order: EpochOrder, batch_size: int, workers: int, device: torch.device) -> DataLoader:
-    """Batches of `dataset` in `order`; the last partial batch is dropped when there are full ones.
+def train_loader(dataset: TrainViews, order: EpochOrder, batch_size: int, workers: int, device: torch.device,
+                 persistent: bool = True) -> DataLoader:
+    """The run's one training DataLoader: batches of `dataset` in `order`, with workers kept for the whole run.
 
-    `batch_size` counts images per process; a batch holds ``views_per_step`` crops of each.
+    Call ``order.set_epoch(epoch)`` before iterating an epoch. The last partial
+    batch is dropped when there are full ones. `batch_size` counts images per
+    process; a batch holds ``views_per_step`` crops of each.
+    ``persistent=False`` starts new workers for every iteration, the old way
+    (benchmarks/loader_startup.py compares the two).
     """
-    drop_last = len(order) > batch_size
-    return DataLoader(dataset, batch_size=batch_size, sampler=order, drop_last=drop_last,
-                      collate_fn=_identity, **_loader_kwargs(workers, device))
+    batches = EpochBatches(order, batch_size, drop_last=len(order) > batch_size)
+    # Its own generator: starting an iteration draws a seed from it, never from the global RNG that the
+    # student's initialisation and dropout use, so training does not depend on the worker count.
+    generator = torch.Generator().manual_seed(order.seed)
+    return DataLoader(dataset, batch_sampler=batches, collate_fn=_identity, generator=generator,
+                      **_loader_kwargs(workers, device, persistent=persistent))
 
 
 def dump_loader(dataset: DumpViews, rows: np.ndarray, batch_size: int, workers: int, device: torch.device) -> DataLoader:

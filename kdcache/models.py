@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import CheckpointError, KdcacheError
+from .errors import CheckpointError, ConfigError, KdcacheError
+from .outputs import write_atomic
 
 
 def create_model(name: str, num_classes: int, img_size: int, pretrained: bool = False) -> nn.Module:
@@ -111,11 +112,31 @@ def build(name: str, num_classes: int, img_size: int, pretrained: bool = False,
     return model
 
 
+@torch.inference_mode()
+def check_input_size(model: nn.Module, name: str, img_size: int, device: torch.device) -> None:
+    """One forward of a blank batch of one `img_size` image, so a size the model cannot take fails now.
+
+    Some architectures fail only deep inside the first step (a kernel larger
+    than the feature map, a size that is not a multiple of the patch); this
+    turns that into one line before any data is read or file written. The
+    model is left in eval mode; the training loop sets train mode itself.
+    """
+    model.eval()
+    try:
+        model(torch.zeros(1, 3, img_size, img_size, device=device))
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except (RuntimeError, AssertionError, ValueError, IndexError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"model {name} cannot take --img-size {img_size} inputs: {first}") from None
+
+
+def checkpoint_bytes(model: nn.Module) -> int:
+    """About how many bytes :func:`save_checkpoint` writes for `model` (its tensors)."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
 def save_checkpoint(model: nn.Module, path: str | Path, meta: dict[str, Any]) -> None:
-    """Write the weights with plain metadata, atomically (tmp file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    """Write the weights with plain metadata, atomically (see :func:`kdcache.outputs.write_atomic`)."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"model": state, **meta}, tmp)
-    tmp.replace(path)
+    write_atomic(path, lambda f: torch.save({"model": state, **meta}, f))

@@ -23,7 +23,7 @@ from .loaders import DumpViews, dump_loader
 from .lock import FileLock
 from .models import build, file_sha256
 from .report import Progress
-from .train import amp_dtype, resolve_device
+from .devices import amp_dtype, resolve_device
 
 # How long rank 0 waits at the merge for the slowest rank. After a resume one rank may still have its whole
 # shard to dump while the others are done, so this is a day, not torch's default of minutes; a rank that

@@ -1,9 +1,12 @@
 """The training loop, shared by teacher fine-tuning and students in every mode.
 
 :func:`fit` builds the run from a :class:`~kdcache.config.TrainConfig`, picks
-the :class:`~kdcache.targets.TargetSource` once, and runs
+the :class:`~kdcache.targets.TargetSource` once
+(:func:`~kdcache.targets.create_target_source`), and runs
 :func:`train_one_epoch` and :func:`evaluate`. Plain, cached and online runs
-differ only in that object.
+differ only in that object. One training DataLoader serves every epoch
+(:meth:`Run.loader` sets the epoch), and everything that can be refused is
+refused in :func:`prepare`, before the first epoch and the first output file.
 
 Under torchrun every process builds the same run; :mod:`kdcache.distributed`
 wraps the student in DistributedDataParallel and :class:`~kdcache.loaders.EpochOrder`
@@ -15,6 +18,7 @@ global batch), so W processes take the same optimizer steps on the same
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,37 +27,23 @@ from typing import Callable
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
-from . import distributed, metrics
-from .augment import Preprocess, normalize
+from . import distributed, metrics, outputs
+from .augment import Preprocess
 from .cache import CacheReader
-from .config import TrainConfig
+from .config import TrainConfig, save_json
 from .data import ImageSet, open_dataset
+from .devices import amp_dtype, channels_last, model_input, resolve_device
 from .distributed import Dist
-from .errors import CacheError, KdcacheError
+from .errors import ConfigError, KdcacheError, OutputError
 from .loaders import EpochOrder, EvalViews, TrainViews, eval_loader, train_loader
 from .losses import kd_loss
-from .models import build, file_sha256, save_checkpoint
+from .models import build, check_input_size, checkpoint_bytes, save_checkpoint
 from .report import Progress
-from .targets import CachedTargets, OnlineTeacher, PlainTargets, TargetSource, preprocess_of_cache, ranges_of_cache
+from .targets import TargetSource, create_target_source
 
 DEFAULT_IMG_SIZE = 224  # the paper's input size, when neither the user nor a cache says otherwise
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' is CUDA when available, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise KdcacheError(f"--device {name} was asked for, but CUDA is not available here; use --device cpu or auto")
-    return torch.device(name)
-
-
-def amp_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
-    """bfloat16 where the GPU supports it, else float16; None on CPU or when off."""
-    if not amp or device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 @dataclass
@@ -65,11 +55,6 @@ class StepLog:
     loss: float
     ce: float
     kd: float
-
-
-def _to_device(batch_images: torch.Tensor, prep: Preprocess, device: torch.device) -> torch.Tensor:
-    x = normalize(batch_images.to(device, non_blocking=True), prep)
-    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
 
 
 def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, targets: TargetSource,
@@ -87,7 +72,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
     images = steps = 0
     start = time.perf_counter()
     for step, batch in enumerate(loader):
-        x = _to_device(batch["images"], prep, device)
+        x = model_input(batch["images"], prep, device)
         y = batch["labels"].to(device, non_blocking=True)
         teacher = targets.teacher_logits(batch, x)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
@@ -124,7 +109,7 @@ def predict(model: nn.Module, loader, prep: Preprocess, device: torch.device,
     scores, labels = [], []
     for x, y in loader:
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            out = model(_to_device(x, prep, device))
+            out = model(model_input(x, prep, device))
         scores.append(out.float().cpu().numpy())
         labels.append(y.numpy())
     return np.concatenate(scores), np.concatenate(labels)
@@ -137,62 +122,14 @@ def evaluate(model: nn.Module, images: ImageSet, prep: Preprocess, device: torch
     return metrics.summarize(scores, labels)
 
 
-def check_cache_fits(reader: CacheReader, train: ImageSet, img_size: int) -> None:
-    """Refuse a cache made for another dataset, split, class count or input size."""
-    info, path = reader.info, reader.path
-    if info.dataset_fingerprint != train.fingerprint:
-        if len(reader.sample_ids) != len(train):
-            why = f"it holds {len(reader.sample_ids)} images, the training split has {len(train)}"
-        elif not np.array_equal(reader.sample_ids, train.ids):
-            n = int(np.sum(reader.sample_ids != train.ids))
-            why = f"{n} sample ids differ (another dataset, split or file names)"
-        elif not np.array_equal(reader.labels, train.labels):
-            row = int(np.flatnonzero(reader.labels != train.labels)[0])
-            why = f"labels differ, first at {train.describe(row)}"
-        elif not np.array_equal(reader.content_hashes, train.content_hashes):
-            rows = np.flatnonzero(reader.content_hashes != train.content_hashes)
-            why = f"{len(rows)} images changed since the dump, first {train.describe(int(rows[0]))}"
-        else:
-            why = "the class names differ"
-        raise CacheError(f"{path} was dumped from another dataset than {train.name} ({why})")
-    if info.num_classes != train.num_classes:
-        raise CacheError(f"{path} has {info.num_classes} classes, the dataset has {train.num_classes}")
-    if img_size != info.input_size:
-        raise CacheError(f"{path} was dumped at {info.input_size} px, but --img-size is {img_size}; "
-                         f"train at {info.input_size} or dump a new cache")
-
-
-def _build_targets(config: TrainConfig, reader: CacheReader | None, train: ImageSet, img_size: int,
-                   device: torch.device, amp: torch.dtype | None,
-                   progress: Progress) -> tuple[TargetSource, Preprocess | None, dict]:
-    """The run's mode as one object, plus the teacher's preprocessing (None: the student's own)."""
-    if reader is not None:
-        check_cache_fits(reader, train, img_size)
-        k, m = reader.info.num_views, config.views_per_step
-        if m > k:
-            progress.note(f"--views-per-step {m} but {k} cached views: each step trains on some views of an "
-                          "image more than once")
-        elif config.epochs * m > k:
-            rule = f"epoch e uses view e mod {k}" if m == 1 else f"epoch e uses views (e*{m} + j) mod {k}, j < {m}"
-            progress.note(f"{config.epochs} epochs x {m} views per step but {k} cached views: {rule}, "
-                          "so views are reused")
-        extra = {"cache": str(reader.path), "cache_views": reader.info.num_views, "teacher": reader.info.teacher,
-                 "cache_store": reader.info.store}
-        return CachedTargets(reader), preprocess_of_cache(reader), extra
-    if config.online_teacher:
-        teacher = build(config.online_teacher, train.num_classes, img_size, pretrained=config.teacher_pretrained,
-                        checkpoint=config.teacher_checkpoint).to(device)
-        if device.type == "cuda":
-            teacher = teacher.to(memory_format=torch.channels_last)
-        extra = {"teacher": config.online_teacher,
-                 "teacher_checkpoint_sha256": file_sha256(config.teacher_checkpoint) if config.teacher_checkpoint else ""}
-        return OnlineTeacher(teacher, config.run.seed, config.crops, amp), Preprocess.for_model(teacher, img_size), extra
-    return PlainTargets(config.run.seed, config.crops), None, {}
-
-
 @dataclass
 class Run:
-    """Everything one training run needs, built once from its config."""
+    """Everything one training run needs, built once from its config.
+
+    `batches` is the run's one training DataLoader; its workers (if any) live
+    for the whole run. :meth:`loader` sets the epoch before an epoch is
+    iterated, so the workers need no state of their own.
+    """
 
     config: TrainConfig
     device: torch.device
@@ -208,6 +145,7 @@ class Run:
     scaler: torch.amp.GradScaler
     dataset: TrainViews
     order: EpochOrder
+    batches: DataLoader | None
     extra: dict
     dist: Dist = Dist()
 
@@ -216,12 +154,26 @@ class Run:
         """The student itself (without a DistributedDataParallel wrapper)."""
         return distributed.unwrap(self.model)
 
-    def loader(self, epoch: int):
-        """This process's DataLoader of the epoch: view and batch order set for `epoch`."""
-        self.dataset.epoch = self.order.epoch = epoch
-        run = self.config.run
-        return train_loader(self.dataset, self.order, run.batch_size // self.dist.world_size, run.workers,
-                            self.device)
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next iteration of the training DataLoader serve `epoch` (its order and its views)."""
+        self.order.set_epoch(epoch)
+
+    def loader(self, epoch: int) -> DataLoader:
+        """This process's training DataLoader, set to `epoch`."""
+        if self.batches is None:
+            raise RuntimeError("the run's training DataLoader was closed")
+        self.set_epoch(epoch)
+        return self.batches
+
+    def epoch_crops(self) -> int:
+        """Crops this process trains on per epoch."""
+        batches = self.batches.batch_sampler
+        images = len(batches) * batches.batch_size if batches.drop_last else len(self.order)
+        return self.config.views_per_step * images
+
+    def close(self) -> None:
+        """Stop the training DataLoader's workers (they hold memory that evaluation can use)."""
+        self.batches = None
 
     def train_epoch(self, epoch: int, loader=None, progress: Progress | None = None,
                     on_step: Callable[[StepLog], None] | None = None) -> dict[str, float]:
@@ -243,21 +195,43 @@ class Run:
                 "seconds": seconds}
 
 
+def _optimizer_and_scheduler(model: nn.Module, config: TrainConfig) -> tuple[torch.optim.Optimizer, object]:
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+
+    optim = config.optim
+    try:
+        optimizer = create_optimizer_v2(model, opt=optim.opt, lr=optim.lr, weight_decay=optim.weight_decay,
+                                        momentum=optim.momentum)
+    except ValueError as e:
+        raise ConfigError(f"--opt {optim.opt}: {e} (any timm optimizer name: sgd, adamw, ...)") from None
+    decay_epochs = optim.decay_epochs or max(1, config.epochs // 3)
+    try:
+        scheduler, _ = create_scheduler_v2(optimizer, sched=optim.sched, num_epochs=config.epochs,
+                                           decay_epochs=decay_epochs, decay_rate=optim.decay_rate,
+                                           warmup_epochs=optim.warmup_epochs)
+    except ValueError as e:
+        raise ConfigError(f"--sched {optim.sched}: {e} (any timm scheduler name: step, cosine, ...)") from None
+    return optimizer, scheduler
+
+
 def prepare(config: TrainConfig, progress: Progress | None = None) -> Run:
     """Open the data, pick the mode, build the student, its optimizer and scheduler.
 
-    Under torchrun this joins the process group (see :func:`kdcache.distributed.init`).
+    Everything that can be refused is refused here, before the first epoch:
+    a cache of other data, a model that cannot take the input size (one
+    forward of a blank image), an output folder without room for the
+    checkpoint. Under torchrun this joins the process group (see
+    :func:`kdcache.distributed.init`).
     """
     progress = progress or Progress()
     run = config.run
-    if config.cached and config.online_teacher:
-        raise KdcacheError("choose one teacher source: --cached or --online-teacher, not both")
-    if config.views_per_step < 1:
-        raise KdcacheError(f"--views-per-step must be at least 1, got {config.views_per_step}")
     dist, device = distributed.init(resolve_device(run.device))
     if run.batch_size % dist.world_size:
-        raise KdcacheError(f"--batch-size {run.batch_size} is the global batch and is split evenly over the "
-                           f"{dist.world_size} processes: make it a multiple of {dist.world_size}")
+        raise ConfigError(f"--batch-size {run.batch_size} is the global batch and is split evenly over the "
+                          f"{dist.world_size} processes: make it a multiple of {dist.world_size}")
+    if dist.is_main():
+        outputs.check_writable(config.out)  # before the data are read, which can take a while
     amp = amp_dtype(device, run.amp)
     # Under torchrun a rank reads only its own records from the file unless --preload asks for a full copy
     # in every process's memory.
@@ -265,52 +239,48 @@ def prepare(config: TrainConfig, progress: Progress | None = None) -> Run:
     reader = CacheReader(config.cached, preload=preload) if config.cached else None
     train = open_dataset(run.data, "train")
     test = open_dataset(run.data, "test")
+    if train.num_classes == 1:
+        progress.note(f"the training split of {train.name} has one class ({train.classes[0]}): every prediction "
+                      "is that class, so top-1 is 100 % and says nothing about the model")
     img_size = run.img_size or (reader.info.input_size if reader else DEFAULT_IMG_SIZE)
-    targets, teacher_prep, extra = _build_targets(config, reader, train, img_size, device, amp, progress)
-    crop_ranges = ranges_of_cache(reader) if reader else config.crops  # cached crops follow the dump's ranges
-    extra["crop_scale"] = list(crop_ranges.scale)
+    targets = create_target_source(config, reader, train, img_size, device, amp, progress)
     # The student's initialisation (and dropout) is the one use of global torch RNG; seeding here,
     # after any teacher is built, gives every mode the same starting weights.
     torch.manual_seed(run.seed)
     model = build(config.model, train.num_classes, img_size, pretrained=config.pretrained,
                   checkpoint=config.checkpoint, allow_new_head=True).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = channels_last(model, device)
+    check_input_size(model, config.model, img_size, device)  # eval mode, no grad: the weights stay as seeded
+    if dist.is_main():
+        outputs.check_room(config.out, checkpoint_bytes(model), f"the checkpoint of {config.model}")
     # KD modes train on exactly the pixels the teacher saw, normalised as the teacher's were.
     own = Preprocess.for_model(model, img_size)
-    prep = teacher_prep or own
+    prep = targets.prep or own
     if (own.mean, own.std) != (prep.mean, prep.std) and (config.pretrained or config.checkpoint):
         progress.note(f"{config.model} was pretrained with mean {own.mean} and std {own.std}; it trains here on "
                       f"the teacher's normalisation (mean {prep.mean}, std {prep.std}) so both see the same input")
-
-    from timm.optim import create_optimizer_v2
-    from timm.scheduler import create_scheduler_v2
-
-    optim = config.optim
-    optimizer = create_optimizer_v2(model, opt=optim.opt, lr=optim.lr, weight_decay=optim.weight_decay,
-                                    momentum=optim.momentum)
-    decay_epochs = optim.decay_epochs or max(1, config.epochs // 3)
-    scheduler, _ = create_scheduler_v2(optimizer, sched=optim.sched, num_epochs=config.epochs,
-                                       decay_epochs=decay_epochs, decay_rate=optim.decay_rate,
-                                       warmup_epochs=optim.warmup_epochs)
+    optimizer, scheduler = _optimizer_and_scheduler(model, config)
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
     # Wrapped after the optimizer is built, so timm sees the student's own parameter names.
     model = dist.wrap(model, device)
     order = EpochOrder(len(train), run.seed, dist.rank, dist.world_size, run.batch_size)
+    dataset = TrainViews(train, targets.views, prep, config.views_per_step)
+    batches = train_loader(dataset, order, run.batch_size // dist.world_size, run.workers, device)
+    extra = {**targets.record, "crop_scale": list(targets.crops.scale)}
     return Run(config=config, device=device, amp=amp, train=train, test=test, img_size=img_size, targets=targets,
-               prep=prep, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-               dataset=TrainViews(train, targets.views, prep, config.views_per_step), order=order, extra=extra,
-               dist=dist)
+               prep=prep, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, dataset=dataset,
+               order=order, batches=batches, extra=extra, dist=dist)
 
 
 def fit(config: TrainConfig, progress: Progress | None = None,
         on_step: Callable[[StepLog], None] | None = None) -> dict:
-    """Train `config.model` in the mode the config names; write a checkpoint and metrics.json.
+    """Train `config.model` in the mode the config names; write config.json, a checkpoint and metrics.json.
 
-    Returns the metrics dict that is also written to ``OUT/metrics.json``. Under
-    torchrun every process trains; rank 0 alone evaluates on the full test set
-    and writes the outputs, and the other ranks return the training part of the
-    summary (without ``top1`` and ``mAP``).
+    Returns the metrics dict that is also written to ``OUT/metrics.json``.
+    ``OUT/config.json`` is written once the run is prepared, before the first
+    epoch. Under torchrun every process trains; rank 0 alone evaluates on the
+    full test set and writes the outputs, and the other ranks return the
+    training part of the summary (without ``top1`` and ``mAP``).
     """
     with distributed.session():
         return _fit(config, progress or Progress(), on_step)
@@ -319,14 +289,16 @@ def fit(config: TrainConfig, progress: Progress | None = None,
 def _fit(config: TrainConfig, progress: Progress, on_step: Callable[[StepLog], None] | None) -> dict:
     wall_start = time.perf_counter()
     r = prepare(config, progress)
+    out = Path(config.out)
+    if r.dist.is_main():
+        save_json(config, out / "config.json")
     m = config.views_per_step
     history: list[dict] = []
     train_seconds = 0.0
     train_images = 0
     for epoch in range(config.epochs):
         loader = r.loader(epoch)
-        progress.start(f"{r.targets.mode} {config.model} {epoch + 1}/{config.epochs}",
-                       m * (len(loader) * loader.batch_size if loader.drop_last else len(r.order)))
+        progress.start(f"{r.targets.mode} {config.model} {epoch + 1}/{config.epochs}", r.epoch_crops())
         stats = r.train_epoch(epoch, loader, progress, on_step)
         progress.stop()
         if r.scheduler is not None:
@@ -336,9 +308,8 @@ def _fit(config: TrainConfig, progress: Progress, on_step: Callable[[StepLog], N
         views = r.dataset.epoch_views(epoch)
         history.append({"epoch": epoch, "view": views[0], "views": views,
                         "lr": r.optimizer.param_groups[0]["lr"], **stats})
+    r.close()
 
-    out = Path(config.out)
-    checkpoint = out / "model.pt"
     summary = {
         "mode": r.targets.mode,
         "model": config.model,
@@ -364,10 +335,47 @@ def _fit(config: TrainConfig, progress: Progress, on_step: Callable[[StepLog], N
     result = evaluate(r.module, r.test, r.prep, r.device, config.run.batch_size, config.run.workers, r.amp)
     progress.update(len(r.test))
     progress.stop()
-    save_checkpoint(r.module, checkpoint, {"arch": config.model, "num_classes": r.train.num_classes,
-                                           "img_size": r.img_size, "classes": list(r.train.classes)})
-    summary = {**summary, "top1": result["top1"], "mAP": result["mAP"], "checkpoint": str(checkpoint),
-               "wall_seconds": time.perf_counter() - wall_start}
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / "history.json").write_text(json.dumps(history, indent=2) + "\n")
+    summary = {**summary, "top1": result["top1"], "mAP": result["mAP"], "checkpoint": str(out / "model.pt")}
+    return _save_outputs(r, out, summary, history, wall_start)
+
+
+def _save_outputs(r: Run, out: Path, summary: dict, history: list[dict], wall_start: float) -> dict:
+    """Write model.pt, metrics.json and history.json; when the checkpoint cannot be written, keep what can be."""
+    meta = {"arch": r.config.model, "num_classes": r.train.num_classes, "img_size": r.img_size,
+            "classes": list(r.train.classes)}
+    try:
+        save_checkpoint(r.module, out / "model.pt", meta)
+    except OutputError as e:
+        kept = _keep_elsewhere(r.module, meta)
+        summary = {**summary, "checkpoint": str(kept) if kept else "",
+                   "wall_seconds": time.perf_counter() - wall_start}
+        written = [name for name, value in (("metrics.json", summary), ("history.json", history))
+                   if _try_write(out / name, value)]
+        where = f"the trained model was saved to {kept} instead" if kept else "the trained model could not be kept"
+        also = f"; {' and '.join(written)} written to {out}" if written else ""
+        raise OutputError(f"{e}; {where}{also}") from None
+    summary = {**summary, "wall_seconds": time.perf_counter() - wall_start}
+    for name, value in (("metrics.json", summary), ("history.json", history)):
+        try:
+            outputs.write_text(out / name, json.dumps(value, indent=2) + "\n")
+        except OutputError as e:
+            raise OutputError(f"{e}; the checkpoint {out / 'model.pt'} was saved") from None
     return summary
+
+
+def _keep_elsewhere(model: nn.Module, meta: dict) -> Path | None:
+    """The checkpoint saved in a new folder under the system's temporary folder, or None if that fails too."""
+    try:
+        path = Path(tempfile.mkdtemp(prefix="kdcache-model-")) / "model.pt"
+        save_checkpoint(model, path, meta)
+        return path
+    except (OSError, KdcacheError):
+        return None
+
+
+def _try_write(path: Path, value: object) -> bool:
+    try:
+        outputs.write_text(path, json.dumps(value, indent=2) + "\n")
+        return True
+    except KdcacheError:
+        return False

@@ -56,6 +56,17 @@ def make_stanford40(root: Path, actions: tuple[str, ...] = ("applauding", "climb
     return root
 
 
+def recomputed(metrics: dict, data: str, prep) -> dict:
+    """Top-1 and mAP of a run's saved checkpoint, evaluated here with preprocessing `prep`."""
+    from kdcache.data import open_dataset
+    from kdcache.models import build
+    from kdcache.train import evaluate
+
+    test = open_dataset(data, "test")
+    model = build(metrics["model"], test.num_classes, metrics["img_size"], checkpoint=metrics["checkpoint"])
+    return evaluate(model, test, prep, torch.device("cpu"), metrics["batch_size"], workers=0)
+
+
 def rows_done(partial: Path) -> int:
     """Rows a (partial) dump file has marked done; 0 while it is not created yet or caught mid-write."""
     try:

@@ -56,6 +56,7 @@ def test_parent_and_workers_agree(workers: int) -> None:
     assert np.array_equal(parent, from_workers)
 
 
+@pytest.mark.slow
 def test_same_crops_in_a_fresh_process() -> None:
     code = ("import numpy as np; from kdcache.augment import sample_crop, view_rng; from kdcache.config import CropRanges;"
             "print(repr([sample_crop(view_rng(7, i, v), 375, 500, CropRanges())[0].tolist() for i in (1, 99) for v in (0, 4)]))")

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import STUDENT, TEACHER, make_stanford40
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,6 +22,7 @@ def run_study(config: Path, *extra: str) -> subprocess.CompletedProcess:
     return result
 
 
+@pytest.mark.slow
 def test_study_runs_every_part_and_resumes(tmp_path: Path) -> None:
     data = make_stanford40(tmp_path / "s40", train=8, test=4)
     out, runs = tmp_path / "report", tmp_path / "runs"
