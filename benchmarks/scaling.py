@@ -112,7 +112,7 @@ def data_path_rates(data: str, cache: str, batch: int, per_step: list[int], repe
         for _ in range(repeats):
             start, crops = time.perf_counter(), 0
             for i in range(0, len(rows) - batch + 1, batch):
-                crops += len(views.__getitems__(rows[i:i + batch])["images"])
+                crops += len(views.batch(rows[i:i + batch], 0)["images"])
             rates.append(crops / (time.perf_counter() - start))
         decode = []
         for _ in range(repeats):

@@ -43,16 +43,17 @@ import torch
 from kdcache.augment import Preprocess
 from kdcache.config import CropRanges, DumpConfig, OptimOptions, RunOptions, TrainConfig, default_workers
 from kdcache.data import open_dataset
+from kdcache.devices import resolve_device
 from kdcache.loaders import DumpViews, dump_loader
 from kdcache.models import create_model, save_checkpoint
 from kdcache.teacher import dump, load_teacher, teacher_logits
-from kdcache.train import prepare, resolve_device
+from kdcache.train import prepare
 
 # The paper's five student families, in small variants that accept a 32 px input.
 STUDY_STUDENTS = ["pvt_v2_b0", "swinv2_cr_tiny_ns_224", "twins_svt_small", "mvitv2_tiny", "convit_tiny"]
 # The paper's setting, for the FLOPs projection.
 PAPER = {"teacher": "convnext_small", "students": ["swinv2_cr_tiny_ns_224", "twins_svt_small", "mvitv2_tiny",
-                                                    "convit_small", "pvt_v2_b2"],
+                                                    "convit_small", "pvt_v2_b2_li"],
          "images": 4000, "epochs": 15, "views": 15, "img_size": 224, "classes": 40}
 
 

@@ -310,16 +310,27 @@ def train_student(model: str, epochs: int, out: str, cached: str | None, preload
 @click.argument("cache", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (for scripts).")
 def inspect(cache: str, as_json: bool) -> None:
-    """Summarise CACHE: provenance, sizes, per-view teacher accuracy, entropy and confidence."""
-    from rich.console import Console
+    """Summarise CACHE: provenance, sizes, per-view teacher accuracy, entropy and confidence.
 
+    Every record is read and checked; the exit code is 1 when any is damaged.
+    """
     from .audit import inspect_cache
-    from .report import table
 
     summary = inspect_cache(cache)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
-        return
+    else:
+        _print_inspect(cache, summary)
+    if not summary["ok"]:  # the summary is printed either way; the exit code tells a script
+        raise click.ClickException(f"{cache}: {summary['bad_records']} damaged records (first: "
+                                   f"{summary['first_bad_records'][0]}); 'kdcache verify' checks the rest")
+
+
+def _print_inspect(cache: str, summary: dict) -> None:
+    from rich.console import Console
+
+    from .report import table
+
     console = Console()
     skip = {"per_view", "mean", "std", "crop_scale", "crop_ratio", "library_versions"}
     rows = [(k, v) for k, v in summary.items() if k not in skip]

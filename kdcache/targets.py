@@ -145,10 +145,8 @@ def ranges_of_cache(reader: CacheReader) -> CropRanges:
 
 def _dataset_side(reader: CacheReader, train: ImageSet) -> tuple[str, np.ndarray]:
     """The split's fingerprint and content hashes under the scheme the cache recorded."""
-    scheme = getattr(reader.info, "content_hash", "head-tail-64k")
-    if hasattr(train, "fingerprint_for"):
-        return train.fingerprint_for(scheme), train.content_hashes_for(scheme)
-    return train.fingerprint, train.content_hashes
+    scheme = reader.info.content_hash
+    return train.fingerprint_for(scheme), train.content_hashes_for(scheme)
 
 
 def check_cache_fits(reader: CacheReader, train: ImageSet, img_size: int) -> None:

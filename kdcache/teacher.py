@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime as _dt
 import time
 from pathlib import Path
@@ -13,9 +12,9 @@ import torch
 from torch import nn
 
 from . import distributed, parts
-from .augment import Preprocess, normalize
+from .augment import Preprocess
 from .background import BackgroundWriter
-from .cache import CacheInfo, CacheWriter, parse_store
+from .cache import CacheInfo, CacheWriter, store_codec
 from .config import DumpConfig
 from .data import ImageSet, open_dataset
 from .errors import CacheError, KdcacheError
@@ -23,7 +22,7 @@ from .loaders import DumpViews, dump_loader
 from .lock import FileLock
 from .models import build, file_sha256
 from .report import Progress
-from .devices import amp_dtype, resolve_device
+from .devices import amp_dtype, channels_last, model_input, resolve_device
 
 # How long rank 0 waits at the merge for the slowest rank. After a resume one rank may still have its whole
 # shard to dump while the others are done, so this is a day, not torch's default of minutes; a rank that
@@ -35,9 +34,7 @@ MERGE_WAIT = _dt.timedelta(hours=24)
 def teacher_logits(teacher: nn.Module, images: torch.Tensor, prep: Preprocess, device: torch.device,
                    amp: torch.dtype | None = None) -> torch.Tensor:
     """float32 logits (B,C) for uint8 crops (B,3,S,S), in eval mode."""
-    x = normalize(images.to(device, non_blocking=True), prep)
-    if device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = model_input(images, prep, device)
     with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
         return teacher(x).float()
 
@@ -46,7 +43,7 @@ def load_teacher(name: str, num_classes: int, img_size: int, device: torch.devic
                  pretrained: bool = False) -> nn.Module:
     """A teacher in eval mode on `device` (channels_last on CUDA)."""
     model = build(name, num_classes, img_size, pretrained=pretrained, checkpoint=checkpoint).to(device).eval()
-    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+    return channels_last(model, device)
 
 
 def dump(config: DumpConfig, progress: Progress | None = None) -> dict:
@@ -76,7 +73,7 @@ def _dump(config: DumpConfig, progress: Progress) -> dict:
     amp = amp_dtype(device, run.amp)
     img_size = run.img_size or 224
     train = open_dataset(run.data, "train")
-    check_store(config.store, train.num_classes)
+    store_codec(config.store, train.num_classes)  # a top-k store wider than the classes fails before any file
     torch.manual_seed(run.seed)  # only matters for a teacher without weights (tests, smoke runs)
     teacher = load_teacher(config.teacher, train.num_classes, img_size, device, config.checkpoint, config.pretrained)
     prep = Preprocess.for_model(teacher, img_size)
@@ -103,14 +100,6 @@ def _dump(config: DumpConfig, progress: Progress) -> dict:
         return _dump_part_and_merge(config, info, train, dumper, dist, progress)
 
 
-def check_store(store: str, num_classes: int) -> None:
-    """Refuse a top-k store that keeps more classes than the dataset has, before any file is made."""
-    kind, k = parse_store(store)  # merge: the cache helper's store_codec(store, num_classes) checks this
-    if kind == "topk" and k > num_classes:
-        raise CacheError(f"--store topk:{k} keeps more classes than the dataset has ({num_classes}); "
-                         f"choose K <= {num_classes}")
-
-
 def check_input_size(teacher: nn.Module, name: str, img_size: int, prep: Preprocess, device: torch.device,
                      amp: torch.dtype | None = None) -> None:
     """One forward pass of a blank image, so an input the teacher cannot take fails before any work or file."""
@@ -134,15 +123,8 @@ def cache_info(config: DumpConfig, train: ImageSet, prep: Preprocess, img_size: 
         mean=prep.mean, std=prep.std, interpolation=prep.interpolation, crop_pct=prep.crop_pct,
         crop_scale=tuple(config.crops.scale), crop_ratio=tuple(config.crops.ratio), hflip=config.crops.hflip,
         dataset_name=train.name, dataset_split=train.split, dataset_fingerprint=train.fingerprint,
-        class_names=tuple(train.classes), **_content_hash_field(train),
+        class_names=tuple(train.classes), content_hash=train.content_hash_scheme,
     )
-
-
-def _content_hash_field(train: ImageSet) -> dict:
-    # merge: CacheInfo gains `content_hash` in the cache helper's branch; then pass it directly.
-    if "content_hash" in {f.name for f in dataclasses.fields(CacheInfo)}:
-        return {"content_hash": train.content_hash_scheme}
-    return {}
 
 
 def _already_done(config: DumpConfig, info: CacheInfo, train: ImageSet, dist: distributed.Dist,

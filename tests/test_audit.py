@@ -65,8 +65,11 @@ def test_non_finite_logits_fail_verify_and_show_in_inspect(image_folder: Path, t
     assert all(v["top1"] is not None and np.isfinite(v["entropy"]) for v in summary["per_view"])
 
     printed = invoke("inspect", cache, "--json")
-    parsed = json.loads(printed.output, parse_constant=lambda c: pytest.fail(f"inspect printed {c}"))
+    parsed = json.loads(printed.stdout, parse_constant=lambda c: pytest.fail(f"inspect printed {c}"))
     assert parsed["bad_records"] == 2 and parsed["ok"] is False
+    assert printed.exit_code == 1
+    table = invoke("inspect", cache)
+    assert table.exit_code == 1 and "2 damaged records (first: row 3 (sample id " in table.output
 
 
 def test_inspect_statistics_are_the_stored_logits(tmp_path: Path) -> None:

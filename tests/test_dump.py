@@ -201,7 +201,7 @@ def test_a_dump_stopped_mid_way_resumes_to_the_same_cache(tmp_path: Path, folder
 
 def test_a_store_that_cannot_fit_leaves_no_file(tmp_path: Path, folder: Path) -> None:
     out = tmp_path / "sub" / "c.h5"
-    with pytest.raises(CacheError, match=r"--store topk:100000 keeps more classes than the dataset has \(3\)"):
+    with pytest.raises(CacheError, match=r"--store topk:100000 keeps more classes than the teacher has \(3\)"):
         dump(dataclasses.replace(config(str(folder), out), store="topk:100000"))
     assert list(tmp_path.iterdir()) == []
     # The corrected command is not blocked by anything the rejected one left.

@@ -17,6 +17,7 @@ from kdcache import outputs
 from kdcache.config import RunOptions, TrainConfig, save_json
 from kdcache.errors import OutputError
 from kdcache.models import read_state_dict, save_checkpoint
+from tmpfs import can_mount_tmpfs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -123,14 +124,6 @@ scenario()
 '''
 
 
-def _can_mount_tmpfs(tmp: Path) -> bool:
-    probe = tmp / "probe"
-    probe.mkdir()
-    cmd = f"mount -t tmpfs -o size=64k tmpfs {probe} && touch {probe}/x"
-    return shutil.which("unshare") is not None and subprocess.run(
-        ["unshare", "-rm", "sh", "-c", cmd], capture_output=True).returncode == 0
-
-
 def on_tmpfs(tmp: Path, data: Path, scenario: str, size: str, read_only: bool = False) -> dict:
     disk = tmp / scenario
     disk.mkdir()
@@ -147,7 +140,7 @@ def on_tmpfs(tmp: Path, data: Path, scenario: str, size: str, read_only: bool = 
 
 @pytest.mark.slow
 def test_full_and_read_only_disks_for_real(tmp_path: Path) -> None:
-    if not _can_mount_tmpfs(tmp_path):
+    if not can_mount_tmpfs(tmp_path):
         pytest.skip("cannot mount a tmpfs in a user namespace here")
     data = make_image_folder(tmp_path / "data")
     disk = tmp_path

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import TEACHER, rows_done
+from tmpfs import can_mount_tmpfs
 
 
 def dump_command(out: Path, checkpoint: str, seed: int = 0) -> list[str]:
@@ -51,14 +51,6 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path: Path, digits_teacher
         assert a["logits"][:].tobytes() == b["logits"][:].tobytes()
 
 
-def _can_mount_tmpfs(tmp: Path) -> bool:
-    probe = tmp / "probe"
-    probe.mkdir()
-    cmd = f"mount -t tmpfs -o size=64k tmpfs {probe} && touch {probe}/x"
-    return shutil.which("unshare") is not None and subprocess.run(
-        ["unshare", "-rm", "sh", "-c", cmd], capture_output=True).returncode == 0
-
-
 def test_disk_full_is_a_clear_error_at_the_start(tmp_path: Path, digits_teacher: str) -> None:
     """A real full file system: a 256 KiB tmpfs in a private mount namespace, grown after the failure.
 
@@ -66,7 +58,7 @@ def test_disk_full_is_a_clear_error_at_the_start(tmp_path: Path, digits_teacher:
     fails at once, before any teacher time is spent, and the same command succeeds once there
     is room.
     """
-    if not _can_mount_tmpfs(tmp_path):
+    if not can_mount_tmpfs(tmp_path):
         pytest.skip("cannot mount a tmpfs in a user namespace here")
     disk = tmp_path / "disk"
     disk.mkdir()
