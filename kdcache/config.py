@@ -60,10 +60,10 @@ class CropRanges:
 def default_workers() -> int:
     """Half the CPU cores, at most 8; none on a machine of two cores or fewer.
 
-    Workers decode on the cores the model also needs. On a 2-core CPU a dump
-    ran at 0.95 of bare teacher inference with no worker and at 0.85 with one
-    (convnext_nano, 32 px), because a preempted torch thread stalls each
-    parallel op.
+    Workers decode on the cores the model also needs, so on two cores they
+    buy nothing measurable: a dump of convnext_nano at 32 px ran at 0.76-1.06
+    of bare teacher inference with no worker and 0.80-1.03 with one, over
+    three or four runs each on a shared 2-core machine.
     """
     cores = os.cpu_count() or 1
     return 0 if cores <= 2 else min(8, cores // 2)
