@@ -322,7 +322,8 @@ def inspect(cache: str, as_json: bool) -> None:
     else:
         _print_inspect(cache, summary)
     if not summary["ok"]:  # the summary is printed either way; the exit code tells a script
-        raise click.ClickException(f"{cache}: {summary['bad_records']} damaged records (first: "
+        bad = summary["bad_records"]
+        raise click.ClickException(f"{cache}: {bad} damaged record{'s' if bad != 1 else ''} (first: "
                                    f"{summary['first_bad_records'][0]}); 'kdcache verify' checks the rest")
 
 
