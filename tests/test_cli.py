@@ -142,6 +142,14 @@ def test_bad_inputs_are_one_line_errors(tmp_path: Path, digits_cache: Path, digi
           match="none.pt does not exist")
 
 
+def test_under_torchrun_the_error_line_is_torchruns_root_cause(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gap 7: torchrun prints its own traceback for any failed rank; its summary's root cause carries our line."""
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    fails("dump-teacher", "--teacher", TEACHER, "--views", 0, "--out", tmp_path / "x.h5", match="--views")
+    assert json.loads(error_file.read_text())["message"]["message"] == "--views must be at least 1, got 0"
+
+
 @pytest.mark.parametrize("models", [["--model", TEACHER], ["--model", STUDENT, "--online-teacher", TEACHER]])
 def test_an_input_size_the_model_cannot_take_is_refused_before_any_output(tmp_path: Path, models: list[str]) -> None:
     """test_convnext's stem and downsampling leave a 1x1 map at 16 px, smaller than the next kernel."""
