@@ -2,19 +2,21 @@
 
 __version__ = "0.1.0"
 
-from .augment import Preprocess, apply_crop, sample_crop, view_rng
+from .augment import Preprocess, apply_crop, normalize, sample_crop, view_rng
 from .cache import FORMAT_VERSION, CacheInfo, CacheReader, CacheWriter, store_codec
 from .config import CropRanges, DumpConfig, OptimOptions, RunOptions, TrainConfig
 from .data import ImageSet, open_dataset
 from .errors import CacheError, CheckpointError, ConfigError, DataError, KdcacheError, OutputError
 from .losses import kd_loss
 from .metrics import mean_average_precision, top1
+from .replay import CacheReplay, ReplaySampler, replay_collate
 from .teacher import dump
 from .train import fit
 
 __all__ = [
-    "__version__", "FORMAT_VERSION", "CacheError", "CacheInfo", "CacheReader", "CacheWriter", "CheckpointError",
-    "ConfigError", "CropRanges", "DataError", "DumpConfig", "ImageSet", "KdcacheError", "OptimOptions", "OutputError", "Preprocess",
-    "RunOptions", "TrainConfig", "apply_crop", "dump", "fit", "kd_loss", "mean_average_precision",
-    "open_dataset", "sample_crop", "store_codec", "top1", "view_rng",
+    "__version__", "FORMAT_VERSION", "CacheError", "CacheInfo", "CacheReader", "CacheReplay", "CacheWriter",
+    "CheckpointError", "ConfigError", "CropRanges", "DataError", "DumpConfig", "ImageSet", "KdcacheError",
+    "OptimOptions", "OutputError", "Preprocess", "ReplaySampler", "RunOptions", "TrainConfig", "apply_crop", "dump",
+    "fit", "kd_loss", "mean_average_precision", "normalize", "open_dataset", "replay_collate", "sample_crop",
+    "store_codec", "top1", "view_rng",
 ]
