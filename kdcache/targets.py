@@ -100,9 +100,10 @@ class EnsembleViews:
 class TargetSource:
     """The mode of a training run: its view source and its teacher logits.
 
-    `prep` is the teacher's preprocessing, which the student then trains on
-    too (None: no teacher, the student's own); `crops` are the ranges its crops
-    follow; `record` holds what the run's metrics say about the teacher.
+    `prep` is the teacher's preprocessing at the student's input size, which
+    the student then trains on too (None: no teacher, the student's own);
+    `crops` are the ranges its crops follow; `record` holds what the run's
+    metrics say about the teacher.
     """
 
     mode = "plain"
