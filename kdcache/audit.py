@@ -149,7 +149,7 @@ def verify_cache(path: str, data: str, teacher: str, checkpoint: str | None, sam
     reader = CacheReader(path, preload=False)
     info, codec = reader.info, reader.codec
     train = open_dataset(data, "train")
-    check_cache_fits(reader, train, info.input_size)
+    check_cache_fits(reader, train)
     scan = reader.scan(progress=progress)
     dev = resolve_device(device)
     model = _load_verify_teacher(info, teacher, checkpoint, pretrained, dev, progress)

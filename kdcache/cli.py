@@ -60,8 +60,24 @@ class _Group(click.Group):
             sys.exit(130)
 
 
+class _FloatList(click.ParamType):
+    """Comma-separated numbers, such as 0.7,0.3."""
+
+    name = "FLOAT[,FLOAT...]"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[float, ...]:
+        if isinstance(value, tuple):
+            return value
+        try:
+            return tuple(float(part) for part in str(value).split(","))
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of numbers", param, ctx)
+
+
 def run_options(default_batch: int = 64, batch_help: str = "Images per optimizer step.",
-                img_help: str = "Input size in pixels. [default: the cache's size in cached mode, else 224]") -> Callable:
+                img_help: str = "Input size in pixels; a cached student may take another size than the teacher's "
+                               "(the stored crop boxes are resized to it). [default: the cache's size in cached "
+                               "mode, else 224]") -> Callable:
     def decorate(f: Callable) -> Callable:
         for option in reversed([
             click.option("--data", default="digits", show_default=True,
@@ -257,8 +273,12 @@ def dump_teacher(teacher: str, checkpoint: str | None, pretrained: bool, views: 
 @click.option("--model", required=True, help="timm model name of the student.")
 @click.option("--epochs", type=int, default=TrainConfig.epochs, show_default=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder (checkpoint, metrics.json).")
-@click.option("--cached", type=click.Path(dir_okay=False), default=None,
-              help="Cached KD: replay crops and teacher logits from this cache.")
+@click.option("--cached", type=click.Path(dir_okay=False), multiple=True,
+              help="Cached KD: replay crops and teacher logits from this cache. Repeat it to train from an "
+                   "ensemble of caches dumped on the same crops (same --data, --seed, crop ranges).")
+@click.option("--teacher-weights", type=_FloatList(), multiple=True,
+              help="One positive weight per --cached file, e.g. 0.7,0.3 (or repeated): the ensemble target is the "
+                   "weighted mean of the teachers' probabilities at --temperature. [default: equal weights]")
 @click.option("--preload/--no-preload", default=None,
               help="Load the cache into memory. [default: when it is under 2 GiB]")
 @click.option("--online-teacher", default=None, help="Online KD: run this timm teacher live on the same crops.")
@@ -277,7 +297,8 @@ def dump_teacher(teacher: str, checkpoint: str | None, pretrained: bool, views: 
 @run_options()
 @optim_options
 @crop_options
-def train_student(model: str, epochs: int, out: str, cached: str | None, preload: bool | None,
+def train_student(model: str, epochs: int, out: str, cached: tuple[str, ...],
+                  teacher_weights: tuple[tuple[float, ...], ...], preload: bool | None,
                   online_teacher: str | None, teacher_checkpoint: str | None, teacher_pretrained: bool, alpha: float,
                   temperature: float, pretrained: bool, checkpoint: str | None, views_per_step: int, **o: Any) -> None:
     """Train a student: plain, with cached KD (--cached) or with online KD (--online-teacher).
@@ -291,6 +312,8 @@ def train_student(model: str, epochs: int, out: str, cached: str | None, preload
     \b
     Examples:
       kdcache train-student --data cifar10-jpg --model pvt_v2_b0 --epochs 10 --cached cache.h5 --out runs/kd
+      kdcache train-student --data cifar10-jpg --model pvt_v2_b0 --epochs 10 --cached a.h5 --cached b.h5 \\
+          --teacher-weights 0.7,0.3 --out runs/ensemble
       kdcache train-student --data cifar10-jpg --model pvt_v2_b0 --epochs 10 --img-size 32 \\
           --online-teacher convnext_atto --teacher-checkpoint runs/teacher/model.pt --out runs/online
 
@@ -301,7 +324,8 @@ def train_student(model: str, epochs: int, out: str, cached: str | None, preload
     """
     _train(TrainConfig(model=model, out=out, run=_run(o), optim=_optim(o), epochs=epochs,
                        views_per_step=views_per_step, crops=_crops(o), pretrained=pretrained, checkpoint=checkpoint,
-                       alpha=alpha, temperature=temperature, cached=cached, preload=preload,
+                       alpha=alpha, temperature=temperature, cached=cached,
+                       teacher_weights=tuple(w for ws in teacher_weights for w in ws) or None, preload=preload,
                        online_teacher=online_teacher, teacher_checkpoint=teacher_checkpoint,
                        teacher_pretrained=teacher_pretrained), "student")
 

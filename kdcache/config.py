@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from .errors import ConfigError, KdcacheError
 from .outputs import write_text
@@ -138,8 +139,12 @@ class TrainConfig:
     # labels and teacher equally; T=4 is Hinton et al.'s common choice.
     alpha: float = 0.5
     temperature: float = 4.0
-    # Cached mode: the cache file. Online mode: the teacher and its weights.
-    cached: str | None = None
+    # Cached mode: the cache file, or several (an ensemble of teachers on the same crops); a str is one file.
+    # Online mode: the teacher and its weights.
+    cached: str | Sequence[str] = ()
+    # One positive weight per cache, normalised to sum 1 (None: equal weights): the ensemble's target is
+    # the weighted mean of the teachers' probabilities at the temperature.
+    teacher_weights: Sequence[float] | None = None
     preload: bool | None = None  # None: load the cache into memory when it is small
     online_teacher: str | None = None
     teacher_checkpoint: str | None = None
@@ -152,11 +157,33 @@ class TrainConfig:
         _at_least("--views-per-step", self.views_per_step, 1)
         _in_range("--alpha", self.alpha, 0.0, 1.0)
         _require(self.temperature > 0, f"--temperature must be above 0, got {self.temperature:g}")
+        self._normalise_teachers()
         _require(not (self.cached and self.online_teacher),
                  "--cached and --online-teacher are two teacher sources; choose one")
         _require(bool(self.online_teacher) or not (self.teacher_checkpoint or self.teacher_pretrained),
                  "--teacher-checkpoint and --teacher-pretrained go with --online-teacher")
         _require(bool(self.cached) or self.preload is None, "--preload and --no-preload go with --cached")
+
+    def _normalise_teachers(self) -> None:
+        """`cached` becomes a tuple of paths and `teacher_weights` a tuple that sums to 1, one per cache."""
+        cached = (self.cached,) if isinstance(self.cached, str) else tuple(self.cached or ())
+        _require(all(isinstance(p, str) and p for p in cached), "--cached must name cache files")
+        for i, path in enumerate(cached):
+            _require(os.path.normpath(path) not in map(os.path.normpath, cached[:i]),
+                     f"--cached names {path} twice; give each cache once (weigh it with --teacher-weights)")
+        weights = self.teacher_weights
+        if weights is None:
+            weights = (1.0,) * len(cached)
+        else:
+            weights = tuple(float(w) for w in weights)
+            _require(bool(cached), "--teacher-weights goes with --cached")
+            _require(len(weights) == len(cached), f"--teacher-weights has {len(weights)} values for "
+                     f"{len(cached)} --cached files; give one weight per cache")
+            for w in weights:
+                _require(math.isfinite(w) and w > 0, f"--teacher-weights must be positive numbers, got {w:g}")
+        total = sum(weights)
+        object.__setattr__(self, "cached", cached)  # frozen: normalised once, here, where the value is born
+        object.__setattr__(self, "teacher_weights", tuple(w / total for w in weights))
 
 
 @dataclass(frozen=True)
@@ -190,6 +217,10 @@ def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-def save_json(config: Any, path: str | Path) -> None:
-    """Write `config` as indented JSON, atomically, creating the parent folder."""
-    write_text(path, json.dumps(to_dict(config), indent=2, sort_keys=True) + "\n")
+def save_json(config: Any, path: str | Path, resolved: dict[str, Any] | None = None) -> None:
+    """Write `config` as indented JSON, atomically, creating the parent folder.
+
+    `resolved` adds what the run settled from its inputs (e.g. the input sizes
+    a cache implies), so the file says what ran, not only what was asked.
+    """
+    write_text(path, json.dumps({**to_dict(config), **(resolved or {})}, indent=2, sort_keys=True) + "\n")

@@ -23,3 +23,20 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, l
                   reduction="batchmean", log_target=True)
     kd = kl * (t * t)
     return {"loss": (1.0 - alpha) * kd + alpha * ce, "ce": ce, "kd": kd}
+
+
+def ensemble_logits(teacher_logits: list[torch.Tensor], weights: list[float] | tuple[float, ...],
+                    temperature: float) -> torch.Tensor:
+    """Logits whose softmax at `temperature` is the weighted mean of the teachers' softmax at it.
+
+    ``T * log(sum_i w_i * softmax(t_i / T))``, computed with log-sum-exp so a
+    confident teacher cannot overflow. Handed to :func:`kd_loss` at the same
+    T, the KD term then sees exactly the ensemble's probabilities
+    ``p_T = sum_i w_i softmax(t_i / T)``: averaging probabilities, not logits,
+    keeps each teacher's calibration at the distillation temperature.
+    `weights` (one per teacher, positive) must sum to 1.
+    """
+    t = temperature
+    log_p = torch.stack([F.log_softmax(x.float() / t, dim=-1) for x in teacher_logits])  # (teachers, ..., C)
+    log_w = torch.log(torch.as_tensor(weights, dtype=torch.float32, device=log_p.device))
+    return t * torch.logsumexp(log_p + log_w.view(-1, *([1] * (log_p.dim() - 1))), dim=0)

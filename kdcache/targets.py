@@ -5,7 +5,9 @@ A run picks its mode once, as one :class:`TargetSource`:
 * :class:`PlainTargets`: seeded crops, no teacher.
 * :class:`CachedTargets`: crops and teacher logits replayed from a cache
   (view ``epoch mod K``, or ``(epoch*M + j) mod K`` with M views per step);
-  the teacher never runs.
+  the teacher never runs. Several caches of the same crops replay as one
+  ensemble teacher (:class:`EnsembleViews`), once :func:`check_caches_agree`
+  has proved that they store the same crops.
 * :class:`OnlineTeacher`: seeded crops, the teacher runs live on them.
 
 Each source hands the DataLoader a small picklable *view source* that runs in
@@ -14,9 +16,13 @@ training loop the teacher logits for a batch. The loop, the loss and the
 batch order are the same for all three. :func:`create_target_source` picks the
 source for a :class:`~kdcache.config.TrainConfig`, after
 :func:`check_cache_fits` has made sure a cache belongs to the run's data.
+A cache's crop boxes are fractions of the image, so a student may train at
+another input size than the teacher saw: the same boxes, resized to its size.
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -28,6 +34,7 @@ from .config import CropRanges, TrainConfig
 from .data import ImageSet
 from .devices import channels_last
 from .errors import CacheError
+from .losses import ensemble_logits
 from .models import build, check_input_size, file_sha256
 from .report import Progress
 
@@ -64,12 +71,39 @@ class CachedViews:
         return {"boxes": boxes, "flips": flips, "teacher_logits": torch.from_numpy(logits)}
 
 
+class EnsembleViews:
+    """Crops read from the first of several caches that store the same crops; their teachers combined as one target.
+
+    The target's softmax at `temperature` is the `weights`-weighted mean of
+    the teachers' softmax at it (:func:`~kdcache.losses.ensemble_logits`).
+    Views repeat after the smallest K of the caches: view ``v`` of every cache
+    is the crop of ``(seed, sample id, v)``, so their first views agree.
+    """
+
+    def __init__(self, readers: Sequence[CacheReader], weights: Sequence[float], temperature: float) -> None:
+        self.readers = list(readers)
+        self.weights = tuple(weights)
+        self.temperature = temperature
+        self.num_views = min(r.info.num_views for r in self.readers)
+
+    def view(self, slot: int) -> int:
+        """The cached view of view slot ``epoch * views_per_step + j``; views repeat after the smallest K."""
+        return slot % self.num_views
+
+    def fetch(self, rows: np.ndarray, ids: np.ndarray, sizes: list[tuple[int, int]], view: int) -> dict:
+        reads = [reader.read(rows, view) for reader in self.readers]
+        boxes, flips, _ = reads[0]  # the others' crops were checked equal, bit for bit, at open
+        logits = ensemble_logits([torch.from_numpy(t) for _, _, t in reads], self.weights, self.temperature)
+        return {"boxes": boxes, "flips": flips, "teacher_logits": logits}
+
+
 class TargetSource:
     """The mode of a training run: its view source and its teacher logits.
 
-    `prep` is the teacher's preprocessing, which the student then trains on
-    too (None: no teacher, the student's own); `crops` are the ranges its crops
-    follow; `record` holds what the run's metrics say about the teacher.
+    `prep` is the teacher's preprocessing at the student's input size, which
+    the student then trains on too (None: no teacher, the student's own);
+    `crops` are the ranges its crops follow; `record` holds what the run's
+    metrics say about the teacher.
     """
 
     mode = "plain"
@@ -93,18 +127,32 @@ class PlainTargets(TargetSource):
 
 
 class CachedTargets(TargetSource):
-    """Teacher logits and crops replayed from a cache file."""
+    """Teacher logits and crops replayed from a cache file, or from several as an ensemble teacher.
+
+    The student trains at `img_size` (the first cache's input size when
+    None) on the caches' crop boxes, normalised with their mean, std and
+    interpolation. `weights` (one per cache, summing to 1; None: equal) and
+    `temperature` combine several teachers; one cache replays its logits as
+    stored.
+    """
 
     mode = "cached"
 
-    def __init__(self, reader: CacheReader) -> None:
-        info = reader.info
-        self.reader = reader
-        self.views = CachedViews(reader)
-        self.prep = preprocess_of_cache(reader)
-        self.crops = ranges_of_cache(reader)  # cached crops follow the dump's ranges
-        self.record = {"cache": str(reader.path), "cache_views": info.num_views, "teacher": info.teacher,
-                       "cache_store": info.store}
+    def __init__(self, readers: CacheReader | Sequence[CacheReader], img_size: int | None = None,
+                 weights: Sequence[float] | None = None, temperature: float = 1.0) -> None:
+        readers = [readers] if isinstance(readers, CacheReader) else list(readers)
+        first = readers[0]
+        weights = tuple(weights) if weights is not None else (1.0 / len(readers),) * len(readers)
+        self.readers = readers
+        self.views = CachedViews(first) if len(readers) == 1 else EnsembleViews(readers, weights, temperature)
+        self.prep = preprocess_of_cache(first, img_size)
+        self.crops = ranges_of_cache(first)  # cached crops follow the dump's ranges
+        infos = [r.info for r in readers]
+        self.record = {"cache_views": min(i.num_views for i in infos), "caches": [str(r.path) for r in readers],
+                       "teachers": [i.teacher for i in infos], "teacher_weights": list(weights),
+                       "teacher_img_sizes": [i.input_size for i in infos]}
+        if len(readers) == 1:
+            self.record.update(cache=str(first.path), teacher=first.info.teacher, cache_store=first.info.store)
 
     def teacher_logits(self, batch: dict, inputs: torch.Tensor) -> torch.Tensor:
         return batch["teacher_logits"].to(inputs.device, non_blocking=True)
@@ -130,10 +178,10 @@ class OnlineTeacher(TargetSource):
             return self.teacher(inputs).float()
 
 
-def preprocess_of_cache(reader: CacheReader) -> Preprocess:
-    """The preprocessing the teacher saw when the cache was dumped."""
+def preprocess_of_cache(reader: CacheReader, size: int | None = None) -> Preprocess:
+    """The preprocessing the teacher saw when the cache was dumped, at input size `size` (None: the teacher's)."""
     info = reader.info
-    return Preprocess(size=info.input_size, mean=tuple(info.mean), std=tuple(info.std),
+    return Preprocess(size=size or info.input_size, mean=tuple(info.mean), std=tuple(info.std),
                       interpolation=info.interpolation, crop_pct=info.crop_pct)
 
 
@@ -142,15 +190,17 @@ def ranges_of_cache(reader: CacheReader) -> CropRanges:
     return CropRanges(scale=tuple(info.crop_scale), ratio=tuple(info.crop_ratio), hflip=info.hflip)
 
 
-
 def _dataset_side(reader: CacheReader, train: ImageSet) -> tuple[str, np.ndarray]:
     """The split's fingerprint and content hashes under the scheme the cache recorded."""
     scheme = reader.info.content_hash
     return train.fingerprint_for(scheme), train.content_hashes_for(scheme)
 
 
-def check_cache_fits(reader: CacheReader, train: ImageSet, img_size: int) -> None:
-    """Refuse a cache made for another dataset, split, class count or input size, saying what differs."""
+def check_cache_fits(reader: CacheReader, train: ImageSet) -> None:
+    """Refuse a cache made for another dataset, split or class count, saying what differs.
+
+    Any input size fits: crop boxes are fractions of the image.
+    """
     info, path = reader.info, reader.path
     fingerprint, hashes = _dataset_side(reader, train)
     if info.dataset_fingerprint != fingerprint:
@@ -170,9 +220,79 @@ def check_cache_fits(reader: CacheReader, train: ImageSet, img_size: int) -> Non
         else:
             why = "the class names differ"
         raise CacheError(f"{path} was dumped from another dataset than {train.name} ({why})")
-    if img_size != info.input_size:
-        raise CacheError(f"{path} was dumped at {info.input_size} px, but --img-size is {img_size}; "
-                         f"train at {info.input_size} or dump a new cache")
+
+
+# What several caches must share to train one student together: the same crops (seed and ranges; the stored
+# boxes are compared too), the same classes, and the pixels' normalisation, which the student then trains with.
+SHARED_SETTINGS = ("seed", "crop_scale", "crop_ratio", "hflip", "num_classes", "mean", "std", "interpolation")
+CROP_BLOCK_BYTES = 64 * 1024**2  # rows of crops compared at once: bounded memory for a cache of any size
+
+
+def check_caches_agree(readers: Sequence[CacheReader]) -> None:
+    """Refuse caches that cannot train one student as an ensemble, naming both files and what differs.
+
+    Besides the settings, the stored crops and flips of the views the
+    ensemble replays (the first min K) are compared bit for bit, a block of
+    rows at a time: crops derive from (seed, sample id, view), so equal
+    settings should give equal crops, and this proves it for the files at hand.
+    """
+    first = readers[0]
+    for other in readers[1:]:
+        a, b = first.info, other.info
+        both = f"{first.path} and {other.path} cannot train one student"
+        same_data = np.array_equal(first.sample_ids, other.sample_ids) and np.array_equal(first.labels, other.labels)
+        if not same_data or (a.content_hash == b.content_hash and a.dataset_fingerprint != b.dataset_fingerprint):
+            raise CacheError(f"{both}: their dataset_fingerprint differs (dumped from other data); dump both "
+                             "from the same --data")
+        for name in SHARED_SETTINGS:
+            mine, theirs = getattr(a, name), getattr(b, name)
+            if mine != theirs:
+                raise CacheError(f"{both}: their {name} differs ({_worded(mine)} vs {_worded(theirs)}); dump both "
+                                 "with the same --data, --seed and crop ranges, and teachers of the same "
+                                 "normalisation")
+        _check_same_crops(first, other, both)
+
+
+def _worded(value: object) -> str:
+    return ", ".join(f"{v:g}" for v in value) if isinstance(value, tuple) else str(value)
+
+
+def _bits(stored: np.ndarray) -> np.ndarray:
+    """The bytes of each (row, view) record of a stored per-view array, as (rows, views, bytes)."""
+    return np.ascontiguousarray(stored).view(np.uint8).reshape(stored.shape[0], stored.shape[1], -1)
+
+
+def _check_same_crops(first: CacheReader, other: CacheReader, both: str) -> None:
+    views = min(first.info.num_views, other.info.num_views)
+    rows = max(1, CROP_BLOCK_BYTES // (first.info.num_views * 4 * 4))
+    try:
+        for lo in range(0, first.info.num_samples, rows):
+            hi = min(first.info.num_samples, lo + rows)
+            for name in ("crops", "flips"):
+                # Bit for bit: the boxes must be the same float32 values, not merely close ones.
+                differ = (_bits(first.stored(name, lo, hi)[:, :views])
+                          != _bits(other.stored(name, lo, hi)[:, :views])).any(axis=2)
+                if differ.any():
+                    row, view = (int(i) for i in np.argwhere(differ)[0])
+                    raise CacheError(f"{both}: their stored {name} differ, first at row {lo + row} (sample id "
+                                     f"{int(first.sample_ids[lo + row])}) view {view}; dump both with the same "
+                                     "--data, --seed and crop ranges")
+    finally:  # the handles were opened in this process; DataLoader workers open their own
+        first.close()
+        other.close()
+
+
+def _note_sizes(readers: Sequence[CacheReader], img_size: int, progress: Progress) -> None:
+    views = [r.info.num_views for r in readers]
+    if len(set(views)) > 1:
+        k = min(views)
+        held = ", ".join(f"{r.path} {v}" for r, v in zip(readers, views))
+        progress.note(f"the caches hold different view counts ({held}): the ensemble replays views 0..{k - 1} "
+                      "of each, the views they share")
+    for reader in readers:
+        if reader.info.input_size != img_size:
+            progress.note(f"{reader.path} was dumped at {reader.info.input_size} px; the student trains at "
+                          f"{img_size} px on the same crop boxes, resized to {img_size} px")
 
 
 def _note_view_reuse(config: TrainConfig, num_views: int, progress: Progress) -> None:
@@ -186,20 +306,26 @@ def _note_view_reuse(config: TrainConfig, num_views: int, progress: Progress) ->
                       "so views are reused")
 
 
-def create_target_source(config: TrainConfig, reader: CacheReader | None, train: ImageSet, img_size: int,
-                         device: torch.device, amp: torch.dtype | None,
+def create_target_source(config: TrainConfig, readers: CacheReader | Sequence[CacheReader] | None, train: ImageSet,
+                         img_size: int, device: torch.device, amp: torch.dtype | None,
                          progress: Progress | None = None) -> TargetSource:
-    """The run's mode as one object: replay `reader` (the open ``config.cached``), run ``config.online_teacher``
-    live, or plain training on labels.
+    """The run's mode as one object: replay `readers` (the open ``config.cached`` files, one or an ensemble),
+    run ``config.online_teacher`` live, or plain training on labels.
 
-    A cache is checked against the training split and input size first; an
-    online teacher is built on `device` and tried on one `img_size` input.
+    Each cache is checked against the training split, and several caches
+    against each other; the student may train at another `img_size` than the
+    teacher saw (noted). An online teacher is built on `device` and tried on
+    one `img_size` input.
     """
     progress = progress or Progress()
-    if reader is not None:
-        check_cache_fits(reader, train, img_size)
-        _note_view_reuse(config, reader.info.num_views, progress)
-        return CachedTargets(reader)
+    readers = [readers] if isinstance(readers, CacheReader) else list(readers or ())
+    if readers:
+        for reader in readers:
+            check_cache_fits(reader, train)
+        check_caches_agree(readers)
+        _note_sizes(readers, img_size, progress)
+        _note_view_reuse(config, min(r.info.num_views for r in readers), progress)
+        return CachedTargets(readers, img_size, config.teacher_weights, config.temperature)
     if config.online_teacher:
         teacher = build(config.online_teacher, train.num_classes, img_size, pretrained=config.teacher_pretrained,
                         checkpoint=config.teacher_checkpoint).to(device)

@@ -236,14 +236,14 @@ def prepare(config: TrainConfig, progress: Progress | None = None) -> Run:
     # Under torchrun a rank reads only its own records from the file unless --preload asks for a full copy
     # in every process's memory.
     preload = config.preload if config.preload is not None or not dist.enabled else False
-    reader = CacheReader(config.cached, preload=preload) if config.cached else None
+    readers = [CacheReader(path, preload=preload) for path in config.cached]
     train = open_dataset(run.data, "train")
     test = open_dataset(run.data, "test")
     if train.num_classes == 1:
         progress.note(f"the training split of {train.name} has one class ({train.classes[0]}): every prediction "
                       "is that class, so top-1 is 100 % and says nothing about the model")
-    img_size = run.img_size or (reader.info.input_size if reader else DEFAULT_IMG_SIZE)
-    targets = create_target_source(config, reader, train, img_size, device, amp, progress)
+    img_size = run.img_size or (readers[0].info.input_size if readers else DEFAULT_IMG_SIZE)
+    targets = create_target_source(config, readers, train, img_size, device, amp, progress)
     # The student's initialisation (and dropout) is the one use of global torch RNG; seeding here,
     # after any teacher is built, gives every mode the same starting weights.
     torch.manual_seed(run.seed)
@@ -291,7 +291,7 @@ def _fit(config: TrainConfig, progress: Progress, on_step: Callable[[StepLog], N
     r = prepare(config, progress)
     out = Path(config.out)
     if r.dist.is_main():
-        save_json(config, out / "config.json")
+        save_json(config, out / "config.json", _resolved(r))
     m = config.views_per_step
     history: list[dict] = []
     train_seconds = 0.0
@@ -337,6 +337,14 @@ def _fit(config: TrainConfig, progress: Progress, on_step: Callable[[StepLog], N
     progress.stop()
     summary = {**summary, "top1": result["top1"], "mAP": result["mAP"], "checkpoint": str(out / "model.pt")}
     return _save_outputs(r, out, summary, history, wall_start)
+
+
+def _resolved(r: Run) -> dict:
+    """What config.json adds to the options: the sizes the student and (cached) the teachers saw."""
+    sizes = {"img_size": r.img_size}
+    if "teacher_img_sizes" in r.extra:
+        sizes["teacher_img_sizes"] = r.extra["teacher_img_sizes"]
+    return sizes
 
 
 def _save_outputs(r: Run, out: Path, summary: dict, history: list[dict], wall_start: float) -> dict:

@@ -38,9 +38,9 @@ def stanford_cache(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Cach
     return data, _dump(data, root / "c.h5")
 
 
-def refused(reader: CacheReader, data: Path, img_size: int = 32) -> str:
+def refused(reader: CacheReader, data: Path) -> str:
     with pytest.raises(CacheError) as caught:
-        check_cache_fits(reader, open_dataset(str(data), "train"), img_size)
+        check_cache_fits(reader, open_dataset(str(data), "train"))
     message = str(caught.value)
     assert "\n" not in message and str(reader.path) in message
     return message
@@ -54,7 +54,7 @@ def edited_copy(data: Path, tmp_path: Path) -> Path:
 
 def test_the_same_data_fits(folder_cache, stanford_cache) -> None:
     for data, reader in (folder_cache, stanford_cache):
-        check_cache_fits(reader, open_dataset(str(data), "train"), 32)
+        check_cache_fits(reader, open_dataset(str(data), "train"))
 
 
 def test_another_image_count(folder_cache, tmp_path: Path) -> None:
@@ -109,8 +109,3 @@ def test_class_names_differ(stanford_cache, tmp_path: Path) -> None:
     actions.write_text(actions.read_text().replace("riding_a_bike", "cycling"))
     assert "(the class names differ)" in refused(reader, copy)
 
-
-def test_another_input_size(folder_cache) -> None:
-    data, reader = folder_cache
-    assert "was dumped at 32 px, but --img-size is 64; train at 32 or dump a new cache" in \
-        refused(reader, data, img_size=64)
