@@ -68,7 +68,7 @@ class CacheReplay(TrainViews):
             raise ValueError(f"views_per_step must be at least 1, got {views_per_step}")
         reader = cache if isinstance(cache, CacheReader) else CacheReader(cache, preload=preload)
         images = open_dataset(data, "train") if isinstance(data, str) else data
-        check_cache_fits(reader, images, reader.info.input_size)
+        check_cache_fits(reader, images)
         super().__init__(images, CachedViews(reader), preprocess_of_cache(reader), views_per_step)
         self.reader = reader
         self.prep: Preprocess  # the teacher's input size, mean and std: normalise batches with it on the device
