@@ -228,7 +228,8 @@ def train_teacher(model: str, epochs: int, out: str, pretrained: bool, checkpoin
               help="The teacher's weights (e.g. OUT/model.pt of train-teacher).")
 @click.option("--pretrained", is_flag=True, help="Use timm's pretrained weights instead of --checkpoint.")
 @click.option("--views", type=int, default=DumpConfig.views, show_default=True,
-              help="Seeded crops per image (a student epoch e uses view e mod K).")
+              help="Seeded crops per image (a student epoch e uses view e mod K). On an existing cache of the "
+                   "same settings with fewer views, adds the missing views (the others are kept, not recomputed).")
 @click.option("--store", default="fp16", show_default=True, help="Logit storage: fp16, fp32 or topk:K.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="The cache file to write (.h5).")
 @click.option("--force", is_flag=True,
@@ -243,6 +244,9 @@ def dump_teacher(teacher: str, checkpoint: str | None, pretrained: bool, views: 
     The crop of (seed, sample id, view) is stored with the teacher's logits, so
     students replay it exactly. An interrupted dump resumes when the same
     command runs again; the file appears under its name only when complete.
+    Run on a complete cache of the same settings with more --views, it grows
+    that cache: the new views are dumped, the old ones copied bit for bit, and
+    OUT is replaced only by the complete grown cache (one process only).
 
     \b
     Example:

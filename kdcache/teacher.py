@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 from . import distributed, parts
-from .augment import Preprocess
+from .augment import Preprocess, apply_crop, sample_crop, view_rng
 from .background import BackgroundWriter
-from .cache import CacheInfo, CacheWriter, store_codec
-from .config import DumpConfig
+from .cache import CacheInfo, CacheReader, CacheWriter, growth_mismatch, store_codec
+from .config import CropRanges, DumpConfig
 from .data import ImageSet, open_dataset
 from .errors import CacheError, KdcacheError
 from .loaders import DumpViews, dump_loader
@@ -49,7 +49,10 @@ def load_teacher(name: str, num_classes: int, img_size: int, device: torch.devic
 def dump(config: DumpConfig, progress: Progress | None = None) -> dict:
     """Run the teacher once over K seeded views of every training image; write the cache.
 
-    Resumes an interrupted dump of the same settings. Under torchrun each rank
+    Resumes an interrupted dump of the same settings. An existing complete
+    cache of the same settings with fewer views grows: its views are kept bit
+    for bit and only the new ones are dumped (in one process; see
+    :class:`~kdcache.cache.CacheWriter`). Under torchrun each rank
     dumps its share of the images into a part file and rank 0 merges the parts
     (see :mod:`kdcache.parts`); the cache is the one a single process writes.
     Everything that can be checked (the store against the classes, the input
@@ -66,9 +69,9 @@ def _dump(config: DumpConfig, progress: Progress) -> dict:
     out = Path(config.out)
     several = distributed.Dist.from_env().enabled
     # A rerun after a merge that was killed between its rename and its clean-up finds OUT and part files;
-    # it may finish the job (below), so only a plain existing OUT is refused this early.
+    # it may finish the job (below), and a cache with fewer views may grow, so only the rest is refused this early.
     if out.exists() and not config.force and not several and not parts.leftover_parts(out):
-        raise CacheError(f"{out} already exists; pass --force to overwrite it")
+        _refuse_unless_fewer_views(out, config.views)
     dist, device = distributed.init(resolve_device(run.device), timeout=MERGE_WAIT)
     amp = amp_dtype(device, run.amp)
     img_size = run.img_size or 224
@@ -88,15 +91,18 @@ def _dump(config: DumpConfig, progress: Progress) -> dict:
             if lock.unsupported:
                 progress.note(f"the file system of {target} cannot lock files; make sure no other dump writes it")
         info = cache_info(config, train, prep, img_size)
-        if out.exists() and not config.force:
-            return _already_done(config, info, train, dist, progress)
+        grow = out.exists() and not config.force
+        if grow:
+            summary = _already_done(config, info, train, dist, progress)
+            if summary is not None:
+                return summary
         stale = parts.other_parts(out, dist.world_size)
         if stale:
             progress.note(f"{len(stale)} part files of a dump with another number of processes are not used "
                           f"(e.g. {stale[0].name}); delete them when this dump is done")
         dumper = _Dumper(teacher, train, prep, device, amp, config, progress)
         if not dist.enabled:
-            return _dump_alone(config, info, train, dumper, progress)
+            return _dump_alone(config, info, train, dumper, progress, grow)
         return _dump_part_and_merge(config, info, train, dumper, dist, progress)
 
 
@@ -127,9 +133,27 @@ def cache_info(config: DumpConfig, train: ImageSet, prep: Preprocess, img_size: 
     )
 
 
+def _refuse_unless_fewer_views(out: Path, views: int) -> None:
+    """Before any work: refuse an existing OUT unless it is a cache with fewer views, which this dump may grow."""
+    try:
+        with contextlib.closing(CacheReader(out, preload=False)) as cache:
+            found = cache.info.num_views
+    except CacheError:
+        found = views
+    if found > views:
+        raise CacheError(f"{out} already holds {found} views, more than --views {views}, and a cache never shrinks; "
+                         f"pass --views {found} or more to grow it, or --force to overwrite it")
+    if found == views:
+        raise CacheError(f"{out} already exists; pass --force to overwrite it")
+
+
 def _already_done(config: DumpConfig, info: CacheInfo, train: ImageSet, dist: distributed.Dist,
-                  progress: Progress) -> dict:
-    """OUT exists: if it is this very dump, complete, finish a merge that died after its rename; else refuse.
+                  progress: Progress) -> dict | None:
+    """OUT exists: if it is this very dump, complete, finish a merge that died after its rename; None if it grows.
+
+    OUT grows (None) when it is a complete cache of these settings with fewer
+    views, and only in one process; anything else is refused, naming the
+    first settings that differ.
 
     Under torchrun, or when part files of this dump are left, a complete OUT of
     exactly these settings means the merge renamed it into place and was
@@ -148,11 +172,37 @@ def _already_done(config: DumpConfig, info: CacheInfo, train: ImageSet, dist: di
         if not dist.is_main():
             return summary | {"rank": dist.rank}
         return summary | {"cache": str(out), "file_bytes": out.stat().st_size}
-    raise CacheError(f"{out} already exists; pass --force to overwrite it")
+    try:
+        cache = CacheReader(out, preload=False)
+    except CacheError:
+        raise CacheError(f"{out} already exists; pass --force to overwrite it") from None
+    with contextlib.closing(cache):
+        differ = growth_mismatch(cache, info, train.ids)
+        found = cache.info.num_views
+    if differ:
+        raise CacheError(f"{out} already exists; pass --force to overwrite it (it was dumped with other settings: "
+                         f"{differ})")
+    if found >= config.views:
+        _refuse_unless_fewer_views(out, config.views)
+    if dist.enabled:
+        raise CacheError(f"growing {out} from {found} to {config.views} views runs in one process; run the same "
+                         "command without torchrun")
+    return None
 
 
-def _dump_alone(config: DumpConfig, info: CacheInfo, train: ImageSet, dumper: _Dumper, progress: Progress) -> dict:
-    writer = CacheWriter(config.out, info, train.ids, train.labels, train.content_hashes, force=config.force)
+def _dump_alone(config: DumpConfig, info: CacheInfo, train: ImageSet, dumper: _Dumper, progress: Progress,
+                grow: bool = False) -> dict:
+    """One process; with `grow`, OUT is a cache of these settings with fewer views, which this dump grows."""
+    source = CacheReader(config.out, preload=False) if grow else None
+    try:
+        if source is not None:
+            progress.note(f"growing {config.out} from {source.info.num_views} to {config.views} views (the first "
+                          f"{source.info.num_views} are kept, not recomputed)")
+        writer = CacheWriter(config.out, info, train.ids, train.labels, train.content_hashes, force=config.force,
+                             grow_from=source, progress=progress)
+    finally:
+        if source is not None:
+            source.close()  # the copy is made: OUT is not read again, only replaced when the grown file is complete
     try:
         if writer.resumed_rows:
             progress.note(f"resuming {writer.partial}: {writer.resumed_rows} of {len(train)} images already done")
@@ -226,10 +276,15 @@ class _Dumper:
         """
         config, run, train = self.config, self.config.run, self.train
         todo = rows[writer.pending_rows()]
-        images_per_batch = max(1, run.batch_size // config.views)
-        loader = dump_loader(DumpViews(train, run.seed, config.crops, config.views, self.prep), todo,
-                             images_per_batch, run.workers, self.device)
-        self.progress.start(f"dump {config.teacher} x{config.views} views", len(todo) * config.views)
+        first = writer.first_view
+        views = config.views - first
+        images_per_batch = max(1, run.batch_size // views)
+        dataset = _LaterViews(train, run.seed, config.crops, config.views, self.prep, first) if first else \
+            DumpViews(train, run.seed, config.crops, config.views, self.prep)
+        loader = dump_loader(dataset, todo, images_per_batch, run.workers, self.device)
+        label = f"x{config.views} views" if not first else f"view {first}" if views == 1 else \
+            f"views {first}..{config.views - 1}"
+        self.progress.start(f"dump {config.teacher} {label}", len(todo) * views)
         start = time.perf_counter()
         correct = 0
         background = BackgroundWriter(writer)  # batch i is stored while the teacher computes batch i+1
@@ -244,7 +299,7 @@ class _Dumper:
                 if bad.any():
                     i, v = np.argwhere(bad)[0]
                     raise CacheError(f"the teacher returned NaN or Inf for {train.describe(int(batch_rows[i]))} "
-                                     f"view {v}; check the checkpoint (or dump without --amp)")
+                                     f"view {first + v}; check the checkpoint (or dump without --amp)")
                 background.put(np.searchsorted(rows, batch_rows), batch["boxes"].numpy(), batch["flips"].numpy(),
                                logits)
                 correct += int((logits.argmax(-1) == train.labels[batch_rows][:, None]).sum())
@@ -255,4 +310,23 @@ class _Dumper:
         background.close()
         seconds = time.perf_counter() - start
         self.progress.stop()
-        return len(todo) * config.views, correct, seconds
+        return len(todo) * views, correct, seconds
+
+
+class _LaterViews(DumpViews):
+    """Views ``first..K-1`` of one image: those a growing cache adds to the `first` it has."""
+
+    def __init__(self, images: ImageSet, seed: int, ranges: CropRanges, num_views: int, prep: Preprocess, first: int) -> None:
+        super().__init__(images, seed, ranges, num_views, prep)
+        self.first = first
+
+    def __getitem__(self, row: int) -> dict:
+        # DumpViews' body over views first..K-1 (its view loop has no start; kdcache/loaders.py is not this part's).
+        pixels = self.images.load(row)
+        h, w = int(pixels.shape[-2]), int(pixels.shape[-1])
+        sample_id = int(self.images.ids[row])
+        boxes, flips = zip(*(sample_crop(view_rng(self.seed, sample_id, v), h, w, self.ranges)
+                             for v in range(self.first, self.num_views)))
+        crops = [apply_crop(pixels, box, flip, self.prep) for box, flip in zip(boxes, flips)]
+        return {"images": torch.stack(crops), "boxes": torch.from_numpy(np.stack(boxes)),
+                "flips": torch.tensor(flips), "rows": row}

@@ -3,7 +3,7 @@
 * :mod:`~kdcache.cache.format`: the schema, ``FORMAT_VERSION``, :class:`CacheInfo`
   and its attributes codec, the layout and the checks of stored records.
 * :mod:`~kdcache.cache.stores`: one codec per ``--store`` kind (fp32, fp16, topk:K).
-* :mod:`~kdcache.cache.writer`: :class:`CacheWriter` (resumable, crash-safe, atomic).
+* :mod:`~kdcache.cache.writer`: :class:`CacheWriter` (resumable, crash-safe, atomic; grows a cache).
 * :mod:`~kdcache.cache.reader`: :class:`CacheReader` (validated once, opened lazily per process).
 """
 
@@ -12,8 +12,8 @@ from .format import FORMAT_VERSION, CacheInfo, info_attrs, info_from_attrs, layo
 from .hdf5 import DamagedChunk, FileIdentity
 from .reader import PRELOAD_LIMIT_BYTES, CacheReader, RecordScan
 from .stores import FullLogits, StoreCodec, TopK, parse_store, store_codec
-from .writer import CacheWriter
+from .writer import CacheWriter, growth_mismatch
 
 __all__ = ["FORMAT_VERSION", "PRELOAD_LIMIT_BYTES", "CacheInfo", "CacheReader", "CacheWriter", "DamagedChunk",
-           "FileIdentity", "FullLogits", "RecordScan", "StoreCodec", "TopK", "info_attrs", "info_from_attrs", "layout",
-           "parse_store", "plain_attr", "record_bytes", "record_faults", "settings_mismatch", "store_codec"]
+           "FileIdentity", "FullLogits", "RecordScan", "StoreCodec", "TopK", "growth_mismatch", "info_attrs",
+           "info_from_attrs", "layout", "parse_store", "plain_attr", "record_bytes", "record_faults", "settings_mismatch", "store_codec"]

@@ -55,14 +55,25 @@ Root attributes
 ``class_names`` (JSON list of C names), ``library_versions`` (JSON object), and,
 optionally, ``content_hash`` (the scheme of ``content_hashes`` and of the
 fingerprint; a file without it reads as ``head-tail-64k``: file size plus the
-first and last 64 KiB). The reader checks every attribute's type and range on
-open (:func:`info_from_attrs`).
+first and last 64 KiB). A cache grown from one of fewer views (below) also
+records ``grown_from_views`` (int, the K it had); readers ignore it, and a file
+without it was dumped in one go. The reader checks every attribute's type and
+range on open (:func:`info_from_attrs`).
 
 A dump writes ``OUT.partial`` and renames it to ``OUT`` when complete.
 ``OUT.partial`` itself is made under a temporary name
 (``OUT.partial.tmp-{host}-{pid}``) and renamed once its metadata, ids, labels
 and hashes are written and its space is reserved, so an ``OUT.partial`` always
 has complete metadata. The file holds no pickled objects.
+
+A dump with ``K2`` views onto a complete ``OUT`` of ``K < K2`` views and
+otherwise equal settings grows it: the temporary gets ``OUT``'s stored views
+as its views ``[0, K)``, bit for bit, and ``grown_from_views`` = K before it
+becomes ``OUT.partial``; the dump then fills views ``[K, K2)`` of each row,
+marks the row done and renames ``OUT.partial`` over ``OUT`` when complete.
+``OUT`` stays the complete K-view cache until that rename. Views derive from
+``(seed, sample id, view)``, so the grown file is the K2-view cache of a dump
+in one go (with the extra attribute).
 
 Versions
 --------

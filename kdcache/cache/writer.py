@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import errno
 import glob
@@ -17,12 +18,15 @@ import h5py
 import numpy as np
 
 from ..errors import CacheError
+from ..report import Progress
 from .format import CHUNK_BYTES, FORMAT_VERSION, CacheInfo, check_datasets, info_attrs, info_from_attrs, layout, \
-    library_versions, plain_attr, record_faults, settings_mismatch
+    library_versions, plain_attr, record_bytes, record_faults, settings_mismatch
 from .hdf5 import CHECKSUM_FAILED, H5_ERRORS, detail, worded
+from .reader import CacheReader
 from .stores import store_codec
 
 _FLETCHER32_SKIPPED = 1  # a chunk's filter mask with the pipeline's first (and only) filter, fletcher32, not applied
+_COPY_BLOCK_BYTES = 64 * 1024**2  # rows a growth copies per pass: bounded memory for a cache of any size
 
 
 def temporary_name(partial: Path) -> Path:
@@ -50,6 +54,19 @@ def remove_stale_temporaries(partial: Path) -> None:
             path.unlink(missing_ok=True)
 
 
+def growth_mismatch(source: CacheReader, info: CacheInfo, sample_ids: np.ndarray) -> str:
+    """How the cache `source` differs from the dump `info` in anything but the view count, worded; '' if in nothing.
+
+    A cache that differs only in having fewer views is the first views of the
+    dump `info`: views derive from (seed, sample id, view), so it can grow.
+    """
+    found = dataclasses.replace(source.info, num_views=info.num_views).settings()
+    differ = settings_mismatch(found, info.settings())
+    if not differ and not np.array_equal(source.sample_ids, sample_ids):
+        differ = "the sample ids differ"
+    return differ
+
+
 def _make_folder(partial: Path) -> None:
     folder = partial.parent
     try:
@@ -70,10 +87,18 @@ class CacheWriter:
     metadata (it is built under a temporary name), and a partial file left by
     an interrupted dump is resumed when its recorded settings equal this
     dump's; rows already marked done are skipped.
+
+    With `grow_from`, a complete cache of the same settings but fewer views
+    (K of ``info.num_views``), the new file starts as that cache's K views,
+    copied bit for bit before ``OUT.partial`` appears, and the writes fill
+    views K and up only. The partial records ``grown_from_views`` = K, so a
+    growth killed at any instant resumes, and `grow_from`'s own file (which
+    may be OUT itself) is replaced only by the complete grown cache.
     """
 
     def __init__(self, path: str | Path, info: CacheInfo, sample_ids: np.ndarray, labels: np.ndarray,
-                 content_hashes: np.ndarray, force: bool = False, extra_attrs: dict | None = None) -> None:
+                 content_hashes: np.ndarray, force: bool = False, extra_attrs: dict | None = None,
+                 grow_from: CacheReader | None = None, progress: Progress | None = None) -> None:
         self.path = Path(path)
         self.partial = self.path.with_name(self.path.name + ".partial")
         self.info = info
@@ -87,7 +112,18 @@ class CacheWriter:
                 raise CacheError(f"cannot create {self.partial}: {len(values)} {name} for {info.num_samples} samples")
         self.layout = layout(info)
         self.extra_attrs = dict(extra_attrs or {})  # e.g. a part file's rank; checked on resume like the settings
-        if self.path.exists() and not force:
+        self.grow_from, self.progress = grow_from, progress or Progress()
+        self.first_view = 0  # the views before it are copied from `grow_from`, never written
+        if grow_from is not None:
+            self.first_view = grow_from.info.num_views
+            differ = growth_mismatch(grow_from, info, sample_ids)
+            if not differ and self.first_view >= info.num_views:
+                differ = f"num_views: {self.first_view} in the file, {info.num_views} now; a cache only grows"
+            if differ:
+                raise CacheError(f"cannot grow {grow_from.path} into {self.path} ({differ})")
+            self.extra_attrs["grown_from_views"] = self.first_view
+        replaced = grow_from is not None and grow_from.path.resolve() == self.path.resolve()
+        if self.path.exists() and not force and not replaced:
             raise CacheError(f"{self.path} already exists; pass --force to overwrite it")
         _make_folder(self.partial)
         remove_stale_temporaries(self.partial)
@@ -146,11 +182,14 @@ class CacheWriter:
             # start, rather than after hours of teacher time.
             with open(temporary, "r+b") as f:
                 os.posix_fallocate(f.fileno(), 0, h5.id.get_filesize())
+            if self.grow_from is not None:
+                self._copy_first_views(h5)
             # Only now is there an OUT.partial, and it has everything a resume needs: a dump killed
             # earlier leaves at most a temporary, which the next run deletes.
             os.replace(temporary, self.partial)
-        except (OSError, ValueError, RuntimeError) as e:  # h5py words some of HDF5's I/O failures as ValueError
-            why = detail(e)
+        except (OSError, ValueError, RuntimeError, CacheError) as e:  # h5py words some I/O failures as ValueError
+            # A CacheError names the damaged cache being grown in its own line.
+            message = str(e) if isinstance(e, CacheError) else f"cannot create {self.partial}: {detail(e)}"
             with _quiet_release():
                 if h5 is not None:
                     try:
@@ -159,8 +198,29 @@ class CacheWriter:
                         pass
                 h5 = e = None  # released here, where a failing write-back is not news
             temporary.unlink(missing_ok=True)  # it holds no teacher output yet: nothing to resume
-            raise CacheError(f"cannot create {self.partial}: {why}") from None
+            raise CacheError(message) from None
         return h5
+
+    def _copy_first_views(self, h5: h5py.File) -> None:
+        """Copy every stored record of `grow_from` into views ``[0, K)``, bit for bit, checked as a reader would."""
+        source, k, n = self.grow_from, self.first_view, self.info.num_samples
+        names = ("crops", "flips") + source.target_names
+        datasets = {name: h5[name] for name in names}  # kept open until flushed: see __init__
+        rows = max(1, _COPY_BLOCK_BYTES // max(1, int(record_bytes(self.info)) * self.info.num_views))
+        self.progress.start(f"copy the {k} views of {source.path.name}", n)
+        for lo in range(0, n, rows):
+            hi = min(n, lo + rows)
+            block = {name: source.stored(name, lo, hi) for name in names}
+            for what, mask in record_faults(block, self.codec, self.info.num_classes):
+                if mask.any():
+                    r, v = np.argwhere(mask)[0][:2]
+                    raise CacheError(f"{source.path}: row {lo + int(r)} view {int(v)}: {what}; the cache is "
+                                     "damaged, so it cannot grow: dump it again with --force")
+            for name, value in block.items():
+                datasets[name][lo:hi, :k] = value
+            self.progress.update(hi - lo)
+        h5.flush()
+        self.progress.stop()
 
     def _resume(self) -> h5py.File:
         try:
@@ -250,7 +310,10 @@ class CacheWriter:
         return np.flatnonzero(~self._done)
 
     def write(self, rows: np.ndarray, crops: np.ndarray, flips: np.ndarray, logits: np.ndarray) -> None:
-        """Store all K views of `rows` (increasing), then mark them done and flush."""
+        """Store the views of `rows` (increasing) that this writer fills, then mark the rows done and flush.
+
+        Those are all K views, or in a growth the views from :attr:`first_view` on.
+        """
         self.write_stored(rows, {"crops": crops.astype(np.float32), "flips": flips.astype(np.uint8),
                                  **self.codec.encode(logits)})
 
@@ -266,7 +329,8 @@ class CacheWriter:
         for what, mask in record_faults(arrays, self.codec, self.info.num_classes):
             if mask.any():
                 r, v = np.argwhere(mask)[0][:2]
-                raise CacheError(f"refusing to write row {int(rows[r])} view {int(v)} to {self.partial}: {what}")
+                raise CacheError(f"refusing to write row {int(rows[r])} view {self.first_view + int(v)} to "
+                                 f"{self.partial}: {what}")
         lo, hi = int(rows[0]), int(rows[-1]) + 1
         where = slice(lo, hi) if hi - lo == len(rows) else rows
         for attempt in range(2):
@@ -283,8 +347,9 @@ class CacheWriter:
         self._done[rows] = True
 
     def _put(self, where: slice | np.ndarray, arrays: dict[str, np.ndarray]) -> None:
+        views = (where, slice(self.first_view, None)) if self.first_view else where
         for name, value in arrays.items():
-            self._datasets[name][where] = value
+            self._datasets[name][views] = value
         self.h5.flush()  # the data reaches the file before the rows count as done
         self._datasets["done"][where] = 1
         self.h5.flush()
