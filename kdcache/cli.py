@@ -5,11 +5,8 @@ Library modules are imported inside the commands so that ``--help`` is quick.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,20 +24,6 @@ def _clean_message(e: Exception) -> str:
     return text
 
 
-def _tell_torchrun(message: str) -> None:
-    """Under torchrun, name the error in its failure summary, where it would say "To enable traceback see ...".
-
-    torchrun counts any non-zero exit as a failure and then raises (and
-    prints) its own ChildFailedError traceback; no exit status avoids that, so
-    the summary's root cause at least carries this line.
-    """
-    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if path:
-        report = {"message": {"message": message, "extraInfo": {"timestamp": str(int(time.time()))}}}
-        with contextlib.suppress(OSError):
-            Path(path).write_text(json.dumps(report))
-
-
 class _Group(click.Group):
     """Turns kdcache's own errors into a one-line message: exit code 2 for a bad option, 1 for the rest."""
 
@@ -50,8 +33,10 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except KdcacheError as e:
+            from .distributed import tell_launcher
+
             message = _clean_message(e)
-            _tell_torchrun(message)
+            tell_launcher(message)
             if isinstance(e, ConfigError):
                 raise click.UsageError(message) from None
             raise click.ClickException(message) from None
@@ -348,26 +333,13 @@ def inspect(cache: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:
-        _print_inspect(cache, summary)
+        from .report import print_inspect
+
+        print_inspect(cache, summary)
     if not summary["ok"]:  # the summary is printed either way; the exit code tells a script
         bad = summary["bad_records"]
         raise click.ClickException(f"{cache}: {bad} damaged record{'s' if bad != 1 else ''} (first: "
                                    f"{summary['first_bad_records'][0]}); 'kdcache verify' checks the rest")
-
-
-def _print_inspect(cache: str, summary: dict) -> None:
-    from rich.console import Console
-
-    from .report import table
-
-    console = Console()
-    skip = {"per_view", "mean", "std", "crop_scale", "crop_ratio", "library_versions"}
-    rows = [(k, v) for k, v in summary.items() if k not in skip]
-    rows += [("mean / std", f"{summary['mean']} / {summary['std']}"),
-             ("crop scale / ratio", f"{summary['crop_scale']} / {summary['crop_ratio']}")]
-    console.print(table(f"cache {cache}", ["field", "value"], rows))
-    console.print(table("per view (teacher vs labels)", ["view", "top-1 %", "confidence", "entropy"],
-                        [(v["view"], v["top1"], v["confidence"], v["entropy"]) for v in summary["per_view"]]))
 
 
 @main.command()

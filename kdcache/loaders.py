@@ -162,10 +162,15 @@ class TrainViews(Dataset):
 
 
 class DumpViews(Dataset):
-    """All K seeded views of one image, with their boxes and flips."""
+    """The seeded views ``first_view..K-1`` of one image (all K by default), with their boxes and flips.
 
-    def __init__(self, images: ImageSet, seed: int, ranges: CropRanges, num_views: int, prep: Preprocess) -> None:
+    A cache that grows from K to K2 views dumps views K..K2-1 only.
+    """
+
+    def __init__(self, images: ImageSet, seed: int, ranges: CropRanges, num_views: int, prep: Preprocess,
+                 first_view: int = 0) -> None:
         self.images, self.seed, self.ranges, self.num_views, self.prep = images, seed, ranges, num_views, prep
+        self.first_view = first_view
 
     def __len__(self) -> int:
         return len(self.images)
@@ -175,7 +180,7 @@ class DumpViews(Dataset):
         h, w = int(pixels.shape[-2]), int(pixels.shape[-1])
         sample_id = int(self.images.ids[row])
         boxes, flips = zip(*(sample_crop(view_rng(self.seed, sample_id, v), h, w, self.ranges)
-                             for v in range(self.num_views)))
+                             for v in range(self.first_view, self.num_views)))
         crops = [apply_crop(pixels, box, flip, self.prep) for box, flip in zip(boxes, flips)]
         return {"images": torch.stack(crops), "boxes": torch.from_numpy(np.stack(boxes)),
                 "flips": torch.tensor(flips), "rows": row}

@@ -90,3 +90,15 @@ def _cell(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.3g}" if v != 0 and abs(v) < 0.01 else f"{v:,.2f}"
     return str(v)
+
+
+def print_inspect(cache: str, summary: dict) -> None:
+    """The summary of `kdcache inspect` as two tables: the cache's fields, then per-view teacher statistics."""
+    console = Console()
+    skip = {"per_view", "mean", "std", "crop_scale", "crop_ratio", "library_versions"}
+    rows = [(k, v) for k, v in summary.items() if k not in skip]
+    rows += [("mean / std", f"{summary['mean']} / {summary['std']}"),
+             ("crop scale / ratio", f"{summary['crop_scale']} / {summary['crop_ratio']}")]
+    console.print(table(f"cache {cache}", ["field", "value"], rows))
+    console.print(table("per view (teacher vs labels)", ["view", "top-1 %", "confidence", "entropy"],
+                        [(v["view"], v["top1"], v["confidence"], v["entropy"]) for v in summary["per_view"]]))

@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 from . import distributed, parts
-from .augment import Preprocess, apply_crop, sample_crop, view_rng
+from .augment import Preprocess
 from .background import BackgroundWriter
 from .cache import CacheInfo, CacheReader, CacheWriter, growth_mismatch, store_codec
-from .config import CropRanges, DumpConfig
+from .config import DumpConfig
 from .data import ImageSet, open_dataset
 from .errors import CacheError, KdcacheError
 from .loaders import DumpViews, dump_loader
@@ -279,8 +279,7 @@ class _Dumper:
         first = writer.first_view
         views = config.views - first
         images_per_batch = max(1, run.batch_size // views)
-        dataset = _LaterViews(train, run.seed, config.crops, config.views, self.prep, first) if first else \
-            DumpViews(train, run.seed, config.crops, config.views, self.prep)
+        dataset = DumpViews(train, run.seed, config.crops, config.views, self.prep, first_view=first)
         loader = dump_loader(dataset, todo, images_per_batch, run.workers, self.device)
         label = f"x{config.views} views" if not first else f"view {first}" if views == 1 else \
             f"views {first}..{config.views - 1}"
@@ -312,21 +311,3 @@ class _Dumper:
         self.progress.stop()
         return len(todo) * views, correct, seconds
 
-
-class _LaterViews(DumpViews):
-    """Views ``first..K-1`` of one image: those a growing cache adds to the `first` it has."""
-
-    def __init__(self, images: ImageSet, seed: int, ranges: CropRanges, num_views: int, prep: Preprocess, first: int) -> None:
-        super().__init__(images, seed, ranges, num_views, prep)
-        self.first = first
-
-    def __getitem__(self, row: int) -> dict:
-        # DumpViews' body over views first..K-1 (its view loop has no start; kdcache/loaders.py is not this part's).
-        pixels = self.images.load(row)
-        h, w = int(pixels.shape[-2]), int(pixels.shape[-1])
-        sample_id = int(self.images.ids[row])
-        boxes, flips = zip(*(sample_crop(view_rng(self.seed, sample_id, v), h, w, self.ranges)
-                             for v in range(self.first, self.num_views)))
-        crops = [apply_crop(pixels, box, flip, self.prep) for box, flip in zip(boxes, flips)]
-        return {"images": torch.stack(crops), "boxes": torch.from_numpy(np.stack(boxes)),
-                "flips": torch.tensor(flips), "rows": row}

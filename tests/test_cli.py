@@ -134,7 +134,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path: Path, digits_cache: Path, digi
     fails("dump-teacher", "--teacher", STUDENT, "--checkpoint", digits_teacher, "--img-size", 32, "--device", "cpu",
           "--out", tmp_path / "x.h5", match="does not fit model")
     fails(*student, "--model", "no_such_model_xyz", match="unknown timm model")
-    fails("dump-teacher", "--teacher", TEACHER, "--out", digits_cache, "--img-size", 32, match="--force")
+    fails("dump-teacher", "--teacher", TEACHER, "--views", 1, "--out", digits_cache, "--img-size", 32, match="--force")
     fails("dump-teacher", "--teacher", TEACHER, "--store", "fp8", "--out", tmp_path / "y.h5", match="--store")
     fails("train-teacher", "--model", TEACHER, "--out", tmp_path / "t", "--checkpoint", tmp_path / "none.pt",
           match="none.pt does not exist")
