@@ -177,7 +177,7 @@ class TrainConfig:
         else:
             weights = tuple(float(w) for w in weights)
             _require(bool(cached), "--teacher-weights goes with --cached")
-            _require(len(weights) == len(cached), f"--teacher-weights has {len(weights)} values for "
+            _require(len(weights) == len(cached), f"--teacher-weights has {len(weights)} value{'s' * (len(weights) != 1)} for "
                      f"{len(cached)} --cached files; give one weight per cache")
             for w in weights:
                 _require(math.isfinite(w) and w > 0, f"--teacher-weights must be positive numbers, got {w:g}")

@@ -52,7 +52,7 @@ def test_the_config_normalises_caches_and_weights() -> None:
     assert TrainConfig(model="m", out="o", cached=("a.h5", "b.h5")).teacher_weights == (0.5, 0.5)
     assert TrainConfig(model="m", out="o").cached == ()
     for kwargs, message in [
-        ({"cached": ("a.h5", "b.h5"), "teacher_weights": (1.0,)}, "has 1 values for 2 --cached files"),
+        ({"cached": ("a.h5", "b.h5"), "teacher_weights": (1.0,)}, "has 1 value for 2 --cached files"),
         ({"cached": ("a.h5", "b.h5"), "teacher_weights": (1.0, 0.0)}, "must be positive numbers, got 0"),
         ({"cached": ("a.h5", "b.h5"), "teacher_weights": (1.0, float("nan"))}, "must be positive numbers, got nan"),
         ({"teacher_weights": (1.0,)}, "--teacher-weights goes with --cached"),
