@@ -7,8 +7,9 @@ from .cache import FORMAT_VERSION, CacheInfo, CacheReader, CacheWriter, store_co
 from .config import CropRanges, DumpConfig, OptimOptions, RunOptions, TrainConfig
 from .data import ImageSet, open_dataset
 from .errors import CacheError, CheckpointError, ConfigError, DataError, KdcacheError, OutputError
-from .losses import kd_loss
+from .losses import ensemble_logits, kd_loss
 from .metrics import mean_average_precision, top1
+from .models import create_model
 from .replay import CacheReplay, ReplaySampler, replay_collate
 from .teacher import dump
 from .train import fit
@@ -16,7 +17,7 @@ from .train import fit
 __all__ = [
     "__version__", "FORMAT_VERSION", "CacheError", "CacheInfo", "CacheReader", "CacheReplay", "CacheWriter",
     "CheckpointError", "ConfigError", "CropRanges", "DataError", "DumpConfig", "ImageSet", "KdcacheError",
-    "OptimOptions", "OutputError", "Preprocess", "ReplaySampler", "RunOptions", "TrainConfig", "apply_crop", "dump",
-    "fit", "kd_loss", "mean_average_precision", "normalize", "open_dataset", "replay_collate", "sample_crop",
+    "OptimOptions", "OutputError", "Preprocess", "ReplaySampler", "RunOptions", "TrainConfig", "apply_crop", "create_model",
+    "dump", "ensemble_logits", "fit", "kd_loss", "mean_average_precision", "normalize", "open_dataset", "replay_collate", "sample_crop",
     "store_codec", "top1", "view_rng",
 ]
