@@ -8,11 +8,12 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 
-from .config import CropRanges, DumpConfig, OptimOptions, RunOptions, TrainConfig, default_workers, save_json
+from .cli_options import FloatList, crop_options, crop_ranges, optim_config, optim_options, run_config, run_options
+from .config import DumpConfig, TrainConfig, save_json
 
 
 def _clean_message(e: Exception) -> str:
@@ -43,95 +44,6 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted; a dump resumes when the same command runs again", err=True)
             sys.exit(130)
-
-
-class _FloatList(click.ParamType):
-    """Comma-separated numbers, such as 0.7,0.3."""
-
-    name = "FLOAT[,FLOAT...]"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[float, ...]:
-        if isinstance(value, tuple):
-            return value
-        try:
-            return tuple(float(part) for part in str(value).split(","))
-        except ValueError:
-            self.fail(f"{value!r} is not a comma-separated list of numbers", param, ctx)
-
-
-def run_options(default_batch: int = 64, batch_help: str = "Images per optimizer step.",
-                img_help: str = "Input size in pixels; a cached student may take another size than the teacher's "
-                               "(the stored crop boxes are resized to it). [default: the cache's size in cached "
-                               "mode, else 224]") -> Callable:
-    def decorate(f: Callable) -> Callable:
-        for option in reversed([
-            click.option("--data", default="digits", show_default=True,
-                         help="'digits' (built in), an ImageFolder root with train/ and test/ (or val/), "
-                              "or a Stanford 40 Actions root (has ImageSplits/)."),
-            click.option("--img-size", type=int, default=None, help=img_help),
-            click.option("--batch-size", type=int, default=default_batch, show_default=True, help=batch_help),
-            click.option("--workers", type=int, default=default_workers(), show_default=True,
-                         help="DataLoader worker processes for decoding (0: decode in the main process). "
-                              "Default: half the CPU cores, at most 8; 0 on 2 cores or fewer."),
-            click.option("--device", default="auto", show_default=True,
-                         help="auto (CUDA when available), cpu, cuda or cuda:N."),
-            click.option("--amp/--no-amp", default=False, show_default=True,
-                         help="Mixed precision (bfloat16, or float16 on older GPUs); CUDA only."),
-            click.option("--seed", type=int, default=0, show_default=True,
-                         help="Seeds crops (with sample id and view), batch order and model init; 0 to 2**64 - 1."),
-        ]):
-            f = option(f)
-        return f
-    return decorate
-
-
-def crop_options(f: Callable) -> Callable:
-    defaults = CropRanges()
-    for option in reversed([
-        click.option("--crop-scale", type=(float, float), default=defaults.scale, show_default=True,
-                     help="RandomResizedCrop area range, as fractions of the image."),
-        click.option("--crop-ratio", type=(float, float), default=defaults.ratio, show_default=True,
-                     help="RandomResizedCrop aspect-ratio range."),
-        click.option("--hflip", type=float, default=defaults.hflip, show_default=True,
-                     help="Probability that a view is mirrored."),
-    ]):
-        f = option(f)
-    return f
-
-
-def optim_options(f: Callable) -> Callable:
-    d = OptimOptions()
-    for option in reversed([
-        click.option("--opt", default=d.opt, show_default=True, help="timm optimizer name (sgd, adamw, ...)."),
-        click.option("--lr", type=float, default=d.lr, show_default=True),
-        click.option("--momentum", type=float, default=d.momentum, show_default=True),
-        click.option("--weight-decay", type=float, default=d.weight_decay, show_default=True),
-        click.option("--sched", default=d.sched, show_default=True, help="timm scheduler name (step, cosine, ...)."),
-        click.option("--decay-epochs", type=int, default=None,
-                     help="Step decay period. [default: a third of --epochs]"),
-        click.option("--decay-rate", type=float, default=d.decay_rate, show_default=True),
-        click.option("--warmup-epochs", type=int, default=d.warmup_epochs, show_default=True),
-    ]):
-        f = option(f)
-    return f
-
-
-# The options of run_options, crop_options and optim_options become config objects here, field by field;
-# the objects check the values (see kdcache.config).
-
-def _run(o: dict) -> RunOptions:
-    return RunOptions(data=o["data"], img_size=o["img_size"], batch_size=o["batch_size"], workers=o["workers"],
-                      device=o["device"], amp=o["amp"], seed=o["seed"])
-
-
-def _crops(o: dict) -> CropRanges:
-    return CropRanges(scale=o["crop_scale"], ratio=o["crop_ratio"], hflip=o["hflip"])
-
-
-def _optim(o: dict) -> OptimOptions:
-    return OptimOptions(opt=o["opt"], lr=o["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"],
-                        sched=o["sched"], decay_epochs=o["decay_epochs"], decay_rate=o["decay_rate"],
-                        warmup_epochs=o["warmup_epochs"])
 
 
 def _is_main() -> bool:
@@ -203,7 +115,7 @@ def train_teacher(model: str, epochs: int, out: str, pretrained: bool, checkpoin
     Example:
       kdcache train-teacher --data cifar10-jpg --model convnext_atto --img-size 32 --epochs 10 --out runs/teacher
     """
-    _train(TrainConfig(model=model, out=out, run=_run(o), optim=_optim(o), epochs=epochs, crops=_crops(o),
+    _train(TrainConfig(model=model, out=out, run=run_config(o), optim=optim_config(o), epochs=epochs, crops=crop_ranges(o),
                        pretrained=pretrained, checkpoint=checkpoint), "teacher")
 
 
@@ -245,8 +157,8 @@ def dump_teacher(teacher: str, checkpoint: str | None, pretrained: bool, views: 
     """
     from .teacher import dump
 
-    config = DumpConfig(teacher=teacher, out=out, run=_run(o), checkpoint=checkpoint, pretrained=pretrained,
-                        views=views, crops=_crops(o), store=store, force=force)
+    config = DumpConfig(teacher=teacher, out=out, run=run_config(o), checkpoint=checkpoint, pretrained=pretrained,
+                        views=views, crops=crop_ranges(o), store=store, force=force)
     main_process = _is_main()
     if checkpoint is None and not pretrained and main_process:
         click.echo("note: no --checkpoint or --pretrained: the teacher has random weights", err=True)
@@ -265,7 +177,7 @@ def dump_teacher(teacher: str, checkpoint: str | None, pretrained: bool, views: 
 @click.option("--cached", type=click.Path(dir_okay=False), multiple=True,
               help="Cached KD: replay crops and teacher logits from this cache. Repeat it to train from an "
                    "ensemble of caches dumped on the same crops (same --data, --seed, crop ranges).")
-@click.option("--teacher-weights", type=_FloatList(), multiple=True,
+@click.option("--teacher-weights", type=FloatList(), multiple=True,
               help="One positive weight per --cached file, e.g. 0.7,0.3 (or repeated): the ensemble target is the "
                    "weighted mean of the teachers' probabilities at --temperature. [default: equal weights]")
 @click.option("--preload/--no-preload", default=None,
@@ -311,8 +223,8 @@ def train_student(model: str, epochs: int, out: str, cached: tuple[str, ...],
     --batch-size is then the global batch, split evenly over the N processes (DDP),
     so the run takes the same steps on the same crops as one process.
     """
-    _train(TrainConfig(model=model, out=out, run=_run(o), optim=_optim(o), epochs=epochs,
-                       views_per_step=views_per_step, crops=_crops(o), pretrained=pretrained, checkpoint=checkpoint,
+    _train(TrainConfig(model=model, out=out, run=run_config(o), optim=optim_config(o), epochs=epochs,
+                       views_per_step=views_per_step, crops=crop_ranges(o), pretrained=pretrained, checkpoint=checkpoint,
                        alpha=alpha, temperature=temperature, cached=cached,
                        teacher_weights=tuple(w for ws in teacher_weights for w in ws) or None, preload=preload,
                        online_teacher=online_teacher, teacher_checkpoint=teacher_checkpoint,

@@ -93,7 +93,11 @@ def test_version_mismatch_is_a_clear_error(tmp_path: Path) -> None:
     path = write_cache(tmp_path / "c.h5")
     with h5py.File(path, "r+") as h5:
         h5.attrs["format_version"] = 99
-    with pytest.raises(CacheError, match="version 99.*reads version 1"):
+    with pytest.raises(CacheError, match="version 99.*reads versions 1 and 2; upgrade kdcache"):
+        CacheReader(path)
+    with h5py.File(path, "r+") as h5:
+        h5.attrs["format_version"] = 0
+    with pytest.raises(CacheError, match="version 0.*re-dump the teacher"):
         CacheReader(path)
 
 

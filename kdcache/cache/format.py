@@ -77,11 +77,26 @@ in one go (with the extra attribute).
 
 Versions
 --------
-A reader of version 1 reads every file that says ``format_version`` 1. The
-fletcher32 filter and an optional attribute with a default keep that promise: a
-v1 reader of kdcache 0.1.0 reads both (checked). A change that an older reader cannot read
-(a new required dataset or attribute, another meaning of an existing one) bumps
-``FORMAT_VERSION`` and adds a golden file of the new version to tests/data.
+``FORMAT_VERSION`` is the newest version this kdcache writes; it reads every
+version in ``READ_VERSIONS``. A writer stamps a file with the lowest version
+that can describe it (:func:`file_version`), so a file that needs nothing of a
+newer version stays readable by older kdcache releases. A reader refuses a
+version it does not know with one line that says which versions it reads.
+
+* **Version 1**: everything above. A reader of version 1 reads every file that
+  says ``format_version`` 1. The fletcher32 filter and an optional attribute
+  with a default keep that promise: a v1 reader of kdcache 0.1.0 reads both
+  (checked).
+* **Version 2**: version 1 plus what an older reader would misread if it
+  ignored it (each such addition is listed here, with the attribute that
+  marks it). A file that uses none of them is written as version 1.
+
+A change that an older reader cannot read (a new required dataset or
+attribute, another meaning of an existing one) must be a new version: it is
+listed under version 2 (or a later one), :func:`file_version` returns that
+version for files that use it, and a golden file of the version is added to
+tests/data. An optional dataset or attribute that an older reader may safely
+ignore does not change the version.
 
 Part files (a dump by several processes under torchrun)
 -------------------------------------------------------
@@ -115,7 +130,8 @@ from ..errors import CacheError
 from .hdf5 import worded
 from .stores import Layout, StoreCodec, store_codec
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version written; see 'Versions' above
+READ_VERSIONS = (1, 2)
 CHUNK_BYTES = 64 * 1024
 BOX_SLACK = 1e-6  # float32 fractions of integer pixel boxes may overshoot 1 by rounding
 
@@ -236,6 +252,11 @@ _ATTRS: dict[str, tuple[Callable[[Any], Any], Callable[[Any], bool], str]] = {
     "class_names": (_names, *_ANY),  # checked against num_classes below
     "content_hash": (_text, lambda v: v != "", "not empty"),
 }
+
+
+def file_version(info: CacheInfo) -> int:
+    """The lowest format version that describes a cache of `info` (1 unless it uses a version-2 addition)."""
+    return 1
 
 
 def attr_error(name: str, value: Any, expected: str) -> str:

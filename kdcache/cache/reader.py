@@ -12,7 +12,7 @@ import numpy as np
 
 from ..errors import CacheError
 from ..report import Progress
-from .format import FORMAT_VERSION, CacheInfo, attr_error, check_datasets, info_from_attrs, plain_attr, record_bytes, \
+from .format import FORMAT_VERSION, READ_VERSIONS, CacheInfo, attr_error, check_datasets, info_from_attrs, plain_attr, record_bytes, \
     record_faults
 from .hdf5 import DAMAGED, DamagedChunk, FileIdentity, open_h5, read_rows, worded
 from .stores import store_codec
@@ -95,9 +95,11 @@ class CacheReader:
         if isinstance(version, (bool, np.bool_)) or not isinstance(version, (int, np.integer)):
             raise CacheError(f"{self.path}: {attr_error('format_version', version, 'an integer')}; the file is "
                              "damaged or was not written by kdcache")
-        if int(version) != FORMAT_VERSION:
-            raise CacheError(f"{self.path}: cache format version {int(version)}, but this kdcache reads version "
-                             f"{FORMAT_VERSION}; re-dump the teacher with this version")
+        if int(version) not in READ_VERSIONS:
+            known = " and ".join(str(v) for v in READ_VERSIONS)
+            hint = "upgrade kdcache to read it" if int(version) > FORMAT_VERSION else "re-dump the teacher"
+            raise CacheError(f"{self.path}: cache format version {int(version)}, but this kdcache reads versions "
+                             f"{known}; {hint}")
         try:
             info = info_from_attrs(attrs)
         except ValueError as e:

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import CacheError
 from ..report import Progress
-from .format import CHUNK_BYTES, FORMAT_VERSION, CacheInfo, check_datasets, info_attrs, info_from_attrs, layout, \
+from .format import CHUNK_BYTES, CacheInfo, check_datasets, file_version, info_attrs, info_from_attrs, layout, \
     library_versions, plain_attr, record_bytes, record_faults, settings_mismatch
 from .hdf5 import CHECKSUM_FAILED, H5_ERRORS, detail, worded
 from .reader import CacheReader
@@ -156,7 +156,7 @@ class CacheWriter:
             for key, value in info_attrs(self.info).items():
                 h5.attrs[key] = value
             versions = library_versions()
-            h5.attrs["format_version"] = FORMAT_VERSION
+            h5.attrs["format_version"] = file_version(self.info)
             h5.attrs["kdcache_version"] = json.loads(versions)["kdcache"]
             h5.attrs["library_versions"] = versions
             h5.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
