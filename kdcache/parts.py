@@ -129,7 +129,7 @@ def merge_parts(out: str | Path, info: CacheInfo, sample_ids: np.ndarray, labels
                           world_size, sample_ids[r::world_size]) for r in range(world_size)]
     writer = CacheWriter(out, info, sample_ids, labels, content_hashes, force=force)
     try:
-        names = ("crops", "flips") + readers[0].target_names
+        names = readers[0].view_names
         row_bytes = record_bytes(info) * info.num_views
         block = max(1, int(_MERGE_BLOCK_BYTES // max(row_bytes, 1)) // world_size) * world_size
         pending = np.zeros(n, dtype=bool)

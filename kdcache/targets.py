@@ -22,6 +22,7 @@ another input size than the teacher saw: the same boxes, resized to its size.
 
 from __future__ import annotations
 
+import json
 from typing import Sequence
 
 import numpy as np
@@ -30,7 +31,9 @@ from torch import nn
 
 from .augment import Preprocess, sample_crop, view_rng
 from .cache import CacheReader
-from .config import CropRanges, TrainConfig
+from .cache.format import library_versions
+from .config import CropRanges, Recipe, TrainConfig
+from .recipe import param_names, sample_view, stack_records
 from .data import ImageSet
 from .devices import channels_last
 from .errors import CacheError
@@ -42,18 +45,28 @@ from .report import Progress
 class SeededViews:
     """Crops drawn from ``(seed, sample_id, view)``, with ``view = slot`` (the epoch when M = 1)."""
 
-    def __init__(self, seed: int, ranges: CropRanges) -> None:
+    def __init__(self, seed: int, ranges: CropRanges, recipe: Recipe | None = None, num_rows: int = 0) -> None:
         self.seed = seed
         self.ranges = ranges
+        self.recipe = recipe or Recipe()  # beyond crop and flip, the views' parameters come from sample_view
+        self.recipe_names = param_names(self.recipe)
+        self.num_rows = num_rows  # the rows a mixing partner is drawn from
 
     def view(self, slot: int) -> int:
         """The view of view slot ``epoch * views_per_step + j``."""
         return slot
 
-    def fetch(self, rows: np.ndarray, ids: np.ndarray, sizes: list[tuple[int, int]], view: int) -> dict:
-        boxes, flips = zip(*(sample_crop(view_rng(self.seed, sid, view), h, w, self.ranges)
-                             for sid, (h, w) in zip(ids, sizes)))
-        return {"boxes": np.stack(boxes), "flips": np.array(flips, dtype=bool)}
+    def fetch(self, rows: np.ndarray, ids: np.ndarray, sizes: list[tuple[int, int]], view: int,
+              size: int | None = None) -> dict:
+        """Crop boxes and flips of `rows` (and, under a recipe, every parameter of views of input size `size`)."""
+        if self.recipe.is_default:
+            boxes, flips = zip(*(sample_crop(view_rng(self.seed, sid, view), h, w, self.ranges)
+                                 for sid, (h, w) in zip(ids, sizes)))
+            return {"boxes": np.stack(boxes), "flips": np.array(flips, dtype=bool)}
+        records = stack_records([sample_view(view_rng(self.seed, sid, view), h, w, self.ranges, self.recipe,
+                                             self.num_rows, int(row), size)
+                                 for row, sid, (h, w) in zip(rows, ids, sizes)])
+        return {"boxes": records.pop("crops"), "flips": records.pop("flips").astype(bool), **records}
 
 
 class CachedViews:
@@ -61,14 +74,17 @@ class CachedViews:
 
     def __init__(self, reader: CacheReader) -> None:
         self.reader = reader
+        self.recipe = reader.recipe  # replayed from the stored parameters, never sampled
 
     def view(self, slot: int) -> int:
         """The cached view of view slot ``epoch * views_per_step + j``; views repeat after K slots."""
         return slot % self.reader.info.num_views
 
-    def fetch(self, rows: np.ndarray, ids: np.ndarray, sizes: list[tuple[int, int]], view: int) -> dict:
-        boxes, flips, logits = self.reader.read(rows, view)
-        return {"boxes": boxes, "flips": flips, "teacher_logits": torch.from_numpy(logits)}
+    def fetch(self, rows: np.ndarray, ids: np.ndarray, sizes: list[tuple[int, int]], view: int,
+              size: int | None = None) -> dict:
+        records = self.reader.read_records(rows, view)
+        logits = torch.from_numpy(records.pop("teacher_logits"))
+        return {"boxes": records.pop("crops"), "flips": records.pop("flips"), "teacher_logits": logits, **records}
 
 
 class EnsembleViews:
@@ -85,16 +101,20 @@ class EnsembleViews:
         self.weights = tuple(weights)
         self.temperature = temperature
         self.num_views = min(r.info.num_views for r in self.readers)
+        self.recipe = self.readers[0].recipe  # the caches' recipes are checked equal (SHARED_SETTINGS)
 
     def view(self, slot: int) -> int:
         """The cached view of view slot ``epoch * views_per_step + j``; views repeat after the smallest K."""
         return slot % self.num_views
 
-    def fetch(self, rows: np.ndarray, ids: np.ndarray, sizes: list[tuple[int, int]], view: int) -> dict:
-        reads = [reader.read(rows, view) for reader in self.readers]
-        boxes, flips, _ = reads[0]  # the others' crops were checked equal, bit for bit, at open
-        logits = ensemble_logits([torch.from_numpy(t) for _, _, t in reads], self.weights, self.temperature)
-        return {"boxes": boxes, "flips": flips, "teacher_logits": logits}
+    def fetch(self, rows: np.ndarray, ids: np.ndarray, sizes: list[tuple[int, int]], view: int,
+              size: int | None = None) -> dict:
+        reads = [reader.read_records(rows, view) for reader in self.readers]
+        first = reads[0]  # the others' crops were checked equal, bit for bit, at open; their recipes equal
+        logits = ensemble_logits([torch.from_numpy(r["teacher_logits"]) for r in reads], self.weights,
+                                 self.temperature)
+        params = {k: v for k, v in first.items() if k not in ("crops", "flips", "teacher_logits")}
+        return {"boxes": first["crops"], "flips": first["flips"], "teacher_logits": logits, **params}
 
 
 class TargetSource:
@@ -120,8 +140,8 @@ class TargetSource:
 class PlainTargets(TargetSource):
     """No teacher: cross-entropy on the labels only."""
 
-    def __init__(self, seed: int, ranges: CropRanges) -> None:
-        self.views = SeededViews(seed, ranges)
+    def __init__(self, seed: int, ranges: CropRanges, recipe: Recipe | None = None, num_rows: int = 0) -> None:
+        self.views = SeededViews(seed, ranges, recipe, num_rows)
         self.crops = ranges
         self.record = {}
 
@@ -164,9 +184,10 @@ class OnlineTeacher(TargetSource):
     mode = "online"
 
     def __init__(self, teacher: nn.Module, seed: int, ranges: CropRanges, amp_dtype: torch.dtype | None = None,
-                 prep: Preprocess | None = None, record: dict | None = None) -> None:
+                 prep: Preprocess | None = None, record: dict | None = None, recipe: Recipe | None = None,
+                 num_rows: int = 0) -> None:
         self.teacher = teacher.eval()
-        self.views = SeededViews(seed, ranges)
+        self.views = SeededViews(seed, ranges, recipe, num_rows)
         self.amp_dtype = amp_dtype
         self.prep = prep
         self.crops = ranges
@@ -224,7 +245,8 @@ def check_cache_fits(reader: CacheReader, train: ImageSet) -> None:
 
 # What several caches must share to train one student together: the same crops (seed and ranges; the stored
 # boxes are compared too), the same classes, and the pixels' normalisation, which the student then trains with.
-SHARED_SETTINGS = ("seed", "crop_scale", "crop_ratio", "hflip", "num_classes", "mean", "std", "interpolation")
+SHARED_SETTINGS = ("seed", "crop_scale", "crop_ratio", "hflip", "num_classes", "mean", "std", "interpolation",
+                   "recipe")
 CROP_BLOCK_BYTES = 64 * 1024**2  # rows of crops compared at once: bounded memory for a cache of any size
 
 
@@ -306,6 +328,27 @@ def _note_view_reuse(config: TrainConfig, num_views: int, progress: Progress) ->
                       "so views are reused")
 
 
+# The libraries whose code makes a recipe's pixels (resizing, the RandAugment ops, colour jitter).
+PIXEL_LIBRARIES = ("torchvision", "Pillow")
+
+
+def _note_recipe(config: TrainConfig, reader: CacheReader, progress: Progress) -> None:
+    """Say when the run's recipe options are not the cache's (the cache's are replayed) or its pixel libraries differ."""
+    if config.recipe != reader.recipe and not config.recipe.is_default:
+        dumped = reader.recipe.to_json() or "crop and flip only"
+        progress.note(f"{reader.path} replays the recipe it was dumped with ({dumped}); the recipe options given "
+                      "here are not used")
+    try:
+        dumped = json.loads(str(reader.attrs.get("library_versions") or "{}"))
+        here = json.loads(library_versions())
+    except ValueError:
+        return
+    for name in PIXEL_LIBRARIES:
+        if name in dumped and dumped[name] != here[name]:
+            progress.note(f"{reader.path} was dumped with {name} {dumped[name]}, this run has {here[name]}: the "
+                          "replayed pixels may differ slightly from the ones the teacher saw")
+
+
 def create_target_source(config: TrainConfig, readers: CacheReader | Sequence[CacheReader] | None, train: ImageSet,
                          img_size: int, device: torch.device, amp: torch.dtype | None,
                          progress: Progress | None = None) -> TargetSource:
@@ -325,6 +368,7 @@ def create_target_source(config: TrainConfig, readers: CacheReader | Sequence[Ca
         check_caches_agree(readers)
         _note_sizes(readers, img_size, progress)
         _note_view_reuse(config, min(r.info.num_views for r in readers), progress)
+        _note_recipe(config, readers[0], progress)
         return CachedTargets(readers, img_size, config.teacher_weights, config.temperature)
     if config.online_teacher:
         teacher = build(config.online_teacher, train.num_classes, img_size, pretrained=config.teacher_pretrained,
@@ -335,5 +379,5 @@ def create_target_source(config: TrainConfig, readers: CacheReader | Sequence[Ca
                   "teacher_checkpoint_sha256": file_sha256(config.teacher_checkpoint) if config.teacher_checkpoint
                   else ""}
         return OnlineTeacher(teacher, config.run.seed, config.crops, amp, Preprocess.for_model(teacher, img_size),
-                             record)
-    return PlainTargets(config.run.seed, config.crops)
+                             record, config.recipe, len(train))
+    return PlainTargets(config.run.seed, config.crops, config.recipe, len(train))

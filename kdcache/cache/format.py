@@ -33,6 +33,42 @@ Teacher targets, by ``store`` (one codec each, see :mod:`kdcache.cache.stores`):
                      approximation is exact for the top k classes' order and loses
                      only the shape of the tail.
 
+Recipe parameters (format version 2; only in a cache whose ``recipe``
+attribute is set, and only those its recipe uses; one codec,
+:mod:`kdcache.cache.params`). Each is one parameter of the view (image row,
+view), drawn from ``(seed, sample id, view)`` by
+:func:`kdcache.recipe.sample_view` and replayed as stored:
+
+``ra_ops``          (N,K,L)  int8     RandAugment (``--aa``): the op of each of the
+                                      policy's L layers, an index into the policy's op
+                                      list (timm's order for the ``--aa`` string); -1
+                                      where the layer's op was skipped (its prob)
+``ra_args``         (N,K,L)  float32  the op's final argument (after magnitude noise,
+                                      clipping and sign), as timm's op function takes
+                                      it (integer-valued for posterize and solarize);
+                                      0 for ops without one and for skipped layers
+``jitter_factors``  (N,K,3)  float32  colour jitter (``--color-jitter``): brightness,
+                                      contrast and saturation factors, >= 0
+``jitter_order``    (N,K,3)  uint8    the order they are applied in (a permutation
+                                      of 0, 1, 2, indices into the factors)
+``erase_boxes``     (N,K,4)  float32  random erasing (``--reprob``): the erased box
+                                      as fractions of the input_size x input_size view
+                                      (top, left, height, width); all 0: not erased
+``erase_seeds``     (N,K)    int64    >= 0: seeds a CPU ``torch.Generator`` whose
+                                      ``torch.randn(3, h, w)`` fills the box (after
+                                      normalisation, timm's 'pixel' mode)
+``mix_partners``    (N,K)    int64    Mixup/CutMix: the partner's row (another row of
+                                      this cache), -1 where the view is not mixed. The
+                                      partner's view is the same view index, rendered
+                                      from the partner's own stored record (its own
+                                      mixing ignored)
+``mix_lambdas``     (N,K)    float32  the own image's weight in [0, 1] (1 when not
+                                      mixed); for CutMix corrected to the box's area.
+                                      Labels mix with it: lambda*y + (1-lambda)*y_partner
+``cutmix_boxes``    (N,K,4)  float32  the pasted partner box as fractions of the view
+                                      (top, left, height, width); all 0 for mixup and
+                                      unmixed views
+
 Every dataset is chunked along N only (whole images, all views), with chunks
 of about 64 KiB, and allocated when the file is created, so later writes touch
 raw data only and a killed dump leaves readable metadata. Files written after
@@ -57,7 +93,12 @@ optionally, ``content_hash`` (the scheme of ``content_hashes`` and of the
 fingerprint; a file without it reads as ``head-tail-64k``: file size plus the
 first and last 64 KiB). A cache grown from one of fewer views (below) also
 records ``grown_from_views`` (int, the K it had); readers ignore it, and a file
-without it was dumped in one go. The reader checks every attribute's type and
+without it was dumped in one go. ``recipe`` (JSON object of
+:class:`kdcache.config.Recipe`'s fields; version 2) records a recipe beyond
+the crop and flip; a file without it (or with '') has the default recipe.
+``library_versions`` names the versions of kdcache, torch, torchvision, timm,
+Pillow, h5py, HDF5 and numpy that wrote the file (torchvision and Pillow
+since version 2: their resizing and ops make the pixels). The reader checks every attribute's type and
 range on open (:func:`info_from_attrs`).
 
 A dump writes ``OUT.partial`` and renames it to ``OUT`` when complete.
@@ -90,6 +131,10 @@ version it does not know with one line that says which versions it reads.
 * **Version 2**: version 1 plus what an older reader would misread if it
   ignored it (each such addition is listed here, with the attribute that
   marks it). A file that uses none of them is written as version 1.
+  Additions: the ``recipe`` attribute and the recipe parameter datasets
+  above (a non-empty ``recipe`` marks them). An older reader would replay
+  such a cache's crops without the ops, erasing and mixing, and pair the
+  teacher's targets of mixed images with unmixed pixels.
 
 A change that an older reader cannot read (a new required dataset or
 attribute, another meaning of an existing one) must be a new version: it is
@@ -128,6 +173,7 @@ import numpy as np
 
 from ..errors import CacheError
 from .hdf5 import worded
+from .params import ParamsCodec, params_codec
 from .stores import Layout, StoreCodec, store_codec
 
 FORMAT_VERSION = 2  # the newest version written; see 'Versions' above
@@ -163,6 +209,7 @@ class CacheInfo:
     class_names: tuple[str, ...]
     # Optional attributes: a file without one reads as the default, so adding one keeps format version 1.
     content_hash: str = "head-tail-64k"  # the scheme of content_hashes and the fingerprint (see kdcache.data)
+    recipe: str = ""  # Recipe.to_json(): '' is crop and flip only; anything else makes the file version 2
 
     def settings(self) -> dict:
         """The fields a resumed dump must agree on (all but the checkpoint path)."""
@@ -251,12 +298,24 @@ _ATTRS: dict[str, tuple[Callable[[Any], Any], Callable[[Any], bool], str]] = {
     "dataset_fingerprint": (_text, *_ANY),
     "class_names": (_names, *_ANY),  # checked against num_classes below
     "content_hash": (_text, lambda v: v != "", "not empty"),
+    "recipe": (_text, lambda v: _is_recipe(v), "'' or a JSON recipe of kdcache.config.Recipe"),
 }
+
+
+def _is_recipe(text: str) -> bool:
+    from ..config import Recipe
+    from ..errors import ConfigError
+
+    try:
+        Recipe.from_json(text)
+    except ConfigError:
+        return False
+    return True
 
 
 def file_version(info: CacheInfo) -> int:
     """The lowest format version that describes a cache of `info` (1 unless it uses a version-2 addition)."""
-    return 1
+    return 2 if info.recipe else 1
 
 
 def attr_error(name: str, value: Any, expected: str) -> str:
@@ -299,7 +358,10 @@ def info_from_attrs(attrs: Mapping[str, Any]) -> CacheInfo:
 
 def info_attrs(info: CacheInfo) -> dict[str, Any]:
     """The root attributes that record `info` (the inverse of :func:`info_from_attrs`)."""
-    return {key: json.dumps(list(value)) if key == "class_names" else value for key, value in asdict(info).items()}
+    attrs = {key: json.dumps(list(value)) if key == "class_names" else value for key, value in asdict(info).items()}
+    if not attrs["recipe"]:
+        del attrs["recipe"]  # the default recipe: a version-1 file, attribute for attribute
+    return attrs
 
 
 def plain_attr(value: object) -> object:
@@ -319,28 +381,32 @@ def settings_mismatch(found: dict, wanted: dict) -> str:
 
 def library_versions() -> str:
     """The versions that wrote a file, as a JSON object."""
+    import PIL
     import timm
     import torch
+    import torchvision
 
     from .. import __version__
 
-    return json.dumps({"kdcache": __version__, "torch": torch.__version__, "timm": timm.__version__,
+    return json.dumps({"kdcache": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+                       "timm": timm.__version__, "Pillow": PIL.__version__,
                        "h5py": h5py.__version__, "hdf5": h5py.version.hdf5_version, "numpy": np.__version__})
 
 
 # The layout: every dataset of a cache with its full shape and dtype.
 
-def record_layout(codec: StoreCodec, num_classes: int) -> Layout:
-    """Per-record shape and dtype of the per-view datasets: crop box, flip and the store's targets."""
+def record_layout(codec: StoreCodec, num_classes: int, params: ParamsCodec | None = None) -> Layout:
+    """Per-record shape and dtype of the per-view datasets: crop box, flip, recipe parameters, the store's targets."""
     return {"crops": ((4,), np.dtype(np.float32)), "flips": ((), np.dtype(np.uint8)),
-            **codec.datasets(num_classes)}
+            **(params.datasets() if params is not None else {}), **codec.datasets(num_classes)}
 
 
 def layout(info: CacheInfo) -> Layout:
     """Every dataset of a cache of `info`, with its shape and dtype."""
     n, k = info.num_samples, info.num_views
     per_view = {name: ((n, k) + shape, dtype) for name, (shape, dtype)
-                in record_layout(store_codec(info.store, info.num_classes), info.num_classes).items()}
+                in record_layout(store_codec(info.store, info.num_classes), info.num_classes,
+                                 params_codec(info.recipe)).items()}
     return {"sample_ids": ((n,), np.dtype(np.int64)),
             "labels": ((n,), np.dtype(np.int64)),
             "content_hashes": ((n,), np.dtype(np.uint64)),
@@ -352,12 +418,12 @@ def layout(info: CacheInfo) -> Layout:
 
 def record_bytes(info: CacheInfo) -> float:
     """Bytes stored per (image, view): targets, crop box and flip."""
-    per_view = record_layout(store_codec(info.store, info.num_classes), info.num_classes)
+    per_view = record_layout(store_codec(info.store, info.num_classes), info.num_classes, params_codec(info.recipe))
     return sum(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize for shape, dtype in per_view.values())
 
 
-def record_faults(arrays: Mapping[str, np.ndarray], codec: StoreCodec,
-                  num_classes: int) -> list[tuple[str, np.ndarray]]:
+def record_faults(arrays: Mapping[str, np.ndarray], codec: StoreCodec, num_classes: int,
+                  params: ParamsCodec | None = None) -> list[tuple[str, np.ndarray]]:
     """(what is wrong, mask over the records) for every check a stored record can fail.
 
     `arrays` hold records in their stored form with any leading shape (a batch
@@ -374,6 +440,8 @@ def record_faults(arrays: Mapping[str, np.ndarray], codec: StoreCodec,
         faults.append(("the flip flag is not 0 or 1", np.asarray(arrays["flips"]) > 1))
     if all(name in arrays for name in codec.datasets(num_classes)):
         faults += codec.faults(arrays, num_classes)
+    if params is not None:
+        faults += params.faults(dict(arrays))
     return faults
 
 

@@ -15,6 +15,7 @@ from ..report import Progress
 from .format import FORMAT_VERSION, READ_VERSIONS, CacheInfo, attr_error, check_datasets, info_from_attrs, plain_attr, record_bytes, \
     record_faults
 from .hdf5 import DAMAGED, DamagedChunk, FileIdentity, open_h5, read_rows, worded
+from .params import params_codec
 from .stores import store_codec
 
 # A cache smaller than this is read into memory by default; reads then cost nothing.
@@ -72,6 +73,10 @@ class CacheReader:
             h5.close()
         self.codec = store_codec(self.info.store, self.info.num_classes)
         self.target_names = tuple(self.codec.datasets(self.info.num_classes))
+        self.params = params_codec(self.info.recipe)
+        self.recipe = self.params.recipe
+        # Every per-view dataset: crop, flip, the recipe's parameters and the store's targets.
+        self.view_names = ("crops", "flips") + self.params.names + self.target_names
         outside = np.flatnonzero((self.labels < 0) | (self.labels >= self.info.num_classes))
         if len(outside):
             raise CacheError(f"{self.path}: dataset 'labels' holds class {int(self.labels[outside[0]])} at row "
@@ -138,7 +143,7 @@ class CacheReader:
             return h5[name]
 
     def _arrays(self) -> dict[str, h5py.Dataset | np.ndarray]:
-        names = ("crops", "flips") + self.target_names
+        names = self.view_names
         h5 = self._file() if self._memory is None else None
         if not self.preload:
             if set(names) - self._handles.keys():  # opened once per process: h5py's lookup costs more than a read's checks
@@ -162,7 +167,7 @@ class CacheReader:
         """The mask of invalid records in `arrays` (records of `rows`, one view or all) and the first few, worded."""
         bad = None
         examples = []
-        for what, mask in record_faults(arrays, self.codec, self.info.num_classes):
+        for what, mask in record_faults(arrays, self.codec, self.info.num_classes, self.params):
             bad = mask if bad is None else bad | mask
             for hit in np.argwhere(mask)[:EXAMPLES - len(examples)]:
                 examples.append(f"{self._record(int(rows[hit[0]]), view if view is not None else int(hit[1]))}: {what}")
@@ -174,7 +179,13 @@ class CacheReader:
             raise CacheError(f"{self.path}: {examples[0]}; {DAMAGED}")
 
     def read(self, rows: np.ndarray, view: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Crops (B,4), flips (B,) and full float32 logits (B,C) of view `view` for `rows`.
+        """Crops (B,4), flips (B,) and full float32 logits (B,C) of view `view` for `rows` (see :meth:`read_records`)."""
+        records = self.read_records(rows, view)
+        return records["crops"], records["flips"], records["teacher_logits"]
+
+    def read_records(self, rows: np.ndarray, view: int) -> dict[str, np.ndarray]:
+        """The records of view `view` for `rows`: crops (B,4), flips (B,) bool, the recipe's parameters
+        (B, ...) as stored, and ``teacher_logits``, full float32 (B,C).
 
         Rows are read in sorted order (as HDF5 requires) and returned in the
         order asked. An invalid record (non-finite logits, a box outside the
@@ -193,7 +204,8 @@ class CacheReader:
         undo[order] = np.arange(len(order))
         picked = {name: value[inverse][undo] for name, value in picked.items()}
         logits = self.codec.decode({k: picked[k] for k in self.target_names}, self.info.num_classes)
-        return picked["crops"], picked["flips"].astype(bool), logits
+        records = {name: picked[name] for name in ("crops",) + self.params.names}
+        return {**records, "flips": picked["flips"].astype(bool), "teacher_logits": logits}
 
     def stored(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows ``[start, stop)`` of dataset `name` exactly as stored (to copy a cache bit for bit)."""
@@ -213,7 +225,7 @@ class CacheReader:
         its valid records.
         """
         progress = progress or Progress()
-        names = ("crops", "flips") + self.target_names
+        names = self.view_names
         h5 = self._file()
         step = min((chunks[0] for chunks in (self._dataset(h5, name).chunks for name in names) if chunks), default=1)
         per_row = max(1, int(record_bytes(self.info)) * self.info.num_views)

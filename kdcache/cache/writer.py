@@ -23,6 +23,7 @@ from .format import CHUNK_BYTES, CacheInfo, check_datasets, file_version, info_a
     library_versions, plain_attr, record_bytes, record_faults, settings_mismatch
 from .hdf5 import CHECKSUM_FAILED, H5_ERRORS, detail, worded
 from .reader import CacheReader
+from .params import params_codec
 from .stores import store_codec
 
 _FLETCHER32_SKIPPED = 1  # a chunk's filter mask with the pipeline's first (and only) filter, fletcher32, not applied
@@ -103,6 +104,7 @@ class CacheWriter:
         self.partial = self.path.with_name(self.path.name + ".partial")
         self.info = info
         self.codec = store_codec(info.store, info.num_classes)
+        self.params = params_codec(info.recipe)
         try:
             info_from_attrs(info_attrs(info))
         except ValueError as e:
@@ -204,14 +206,14 @@ class CacheWriter:
     def _copy_first_views(self, h5: h5py.File) -> None:
         """Copy every stored record of `grow_from` into views ``[0, K)``, bit for bit, checked as a reader would."""
         source, k, n = self.grow_from, self.first_view, self.info.num_samples
-        names = ("crops", "flips") + source.target_names
+        names = source.view_names
         datasets = {name: h5[name] for name in names}  # kept open until flushed: see __init__
         rows = max(1, _COPY_BLOCK_BYTES // max(1, int(record_bytes(self.info)) * self.info.num_views))
         self.progress.start(f"copy the {k} views of {source.path.name}", n)
         for lo in range(0, n, rows):
             hi = min(n, lo + rows)
             block = {name: source.stored(name, lo, hi) for name in names}
-            for what, mask in record_faults(block, self.codec, self.info.num_classes):
+            for what, mask in record_faults(block, self.codec, self.info.num_classes, self.params):
                 if mask.any():
                     r, v = np.argwhere(mask)[0][:2]
                     raise CacheError(f"{source.path}: row {lo + int(r)} view {int(v)}: {what}; the cache is "
@@ -309,12 +311,19 @@ class CacheWriter:
         """Rows still to compute, in order."""
         return np.flatnonzero(~self._done)
 
-    def write(self, rows: np.ndarray, crops: np.ndarray, flips: np.ndarray, logits: np.ndarray) -> None:
+    def write(self, rows: np.ndarray, crops: np.ndarray, flips: np.ndarray, logits: np.ndarray,
+              params: dict[str, np.ndarray] | None = None) -> None:
         """Store the views of `rows` (increasing) that this writer fills, then mark the rows done and flush.
 
-        Those are all K views, or in a growth the views from :attr:`first_view` on.
+        Those are all K views, or in a growth the views from :attr:`first_view` on. `params` holds the
+        recipe's parameter arrays (rows, views, ...), one per dataset of the cache's recipe.
         """
-        self.write_stored(rows, {"crops": crops.astype(np.float32), "flips": flips.astype(np.uint8),
+        params = params or {}
+        missing = set(self.params.names) - set(params)
+        if missing:
+            raise CacheError(f"cannot write {self.partial}: the recipe parameter {sorted(missing)[0]} is missing")
+        stored = {name: np.asarray(params[name]).astype(self.layout[name][1]) for name in self.params.names}
+        self.write_stored(rows, {"crops": crops.astype(np.float32), "flips": flips.astype(np.uint8), **stored,
                                  **self.codec.encode(logits)})
 
     def write_stored(self, rows: np.ndarray, arrays: dict[str, np.ndarray]) -> None:
@@ -326,7 +335,7 @@ class CacheWriter:
         the image, ...) are refused here, before anything is written.
         """
         rows = np.asarray(rows)
-        for what, mask in record_faults(arrays, self.codec, self.info.num_classes):
+        for what, mask in record_faults(arrays, self.codec, self.info.num_classes, self.params):
             if mask.any():
                 r, v = np.argwhere(mask)[0][:2]
                 raise CacheError(f"refusing to write row {int(rows[r])} view {self.first_view + int(v)} to "
