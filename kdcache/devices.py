@@ -47,11 +47,5 @@ def channels_last(obj: T, device: torch.device) -> T:
 
 
 def model_input(images: torch.Tensor, prep: Preprocess, device: torch.device) -> torch.Tensor:
-    """uint8 crops (B,3,S,S) as the normalised float input of a model on `device`.
-
-    Float batches are views of a recipe (:mod:`kdcache.recipe`), already
-    normalised, erased and mixed where the view's parameters say so: they
-    only move to the device, so every model gets the very tensor the worker made.
-    """
-    x = images.to(device, non_blocking=True)
-    return channels_last(normalize(x, prep) if x.dtype == torch.uint8 else x, device)
+    """uint8 crops (B,3,S,S), or a recipe's normalised float views, as the float input of a model on `device`."""
+    return channels_last(normalize(images.to(device, non_blocking=True), prep), device)

@@ -273,7 +273,8 @@ def prepare(config: TrainConfig, progress: Progress | None = None) -> Run:
     order = EpochOrder(len(train), run.seed, dist.rank, dist.world_size, run.batch_size)
     dataset = TrainViews(train, targets.views, prep, config.views_per_step)
     batches = train_loader(dataset, order, run.batch_size // dist.world_size, run.workers, device)
-    extra = {**targets.record, "crop_scale": list(targets.crops.scale)}
+    extra = {**targets.record, "crop_scale": list(targets.crops.scale),
+             "recipe": targets.views.recipe.to_json() or "crop and flip only"}
     return Run(config=config, device=device, amp=amp, train=train, test=test, img_size=img_size, targets=targets,
                prep=prep, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, dataset=dataset,
                order=order, batches=batches, extra=extra, dist=dist)
