@@ -155,7 +155,8 @@ def write_report(cfg: dict, out: Path, teacher: dict, records: dict) -> None:
     lines += [f"| {key} | {_cell(v['top1'])} | {_cell(v['mAP'])} | {v['images_per_second']['mean']:.0f} |"
               for key, v in table.items()]
     if sweep:
-        lines += ["", f"Views sweep ({cfg['sweep_student']}, fm-cached)", "", "| K | top-1 % | mAP % |", "|---|---|---|"]
+        lines += ["", f"Views sweep ({cfg['sweep_student']}, fm-cached)", "", "| K | top-1 % | mAP % |",
+                  "|---|---|---|"]
         lines += [f"| {key} | {_cell(v['top1'])} | {_cell(v['mAP'])} |" for key, v in sweep.items()]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -148,6 +148,9 @@ def dump_teacher(teacher: str, checkpoint: str | None, pretrained: bool, views: 
     Run on a complete cache of the same settings with more --views, it grows
     that cache: the new views are dumped, the old ones copied bit for bit, and
     OUT is replaced only by the complete grown cache (one process only).
+    With --mixup, --cutmix, --aa, --color-jitter or --reprob the teacher sees
+    the mixed, augmented views; every view's parameters are stored (a format
+    version 2 cache), so students replay exactly those pixels.
 
     \b
     Example:

@@ -10,7 +10,9 @@ Batches stay uint8 until they reach the device, except under a recipe
 beyond crop and flip (:mod:`kdcache.recipe`): its views are rendered in the
 worker, as normalised float32 pixels (erased and mixed where the view's
 parameters say so), by :func:`render_views` for the dump and for training
-alike, so the teacher and the student get the very same tensor. The epoch's batch order is a
+alike, so the teacher and the student get the very same tensor.
+
+The epoch's batch order is a
 permutation drawn from ``(seed, epoch)``, so every mode sees the same batches,
 and under torchrun every rank takes its share of that same permutation.
 
@@ -243,7 +245,6 @@ class DumpViews(Dataset):
         return {"images": torch.stack(crops), "boxes": torch.from_numpy(np.stack(boxes)),
                 "flips": torch.tensor(flips), "rows": row}
 
-
     def _recipe_views(self, row: int, pixels: torch.Tensor, size: tuple[int, int]) -> dict:
         rows = np.array([row])
         fetched = [(v, self.source.fetch(rows, self.images.ids[rows], [size], v, self.prep.size))
@@ -251,9 +252,10 @@ class DumpViews(Dataset):
         images, _ = render_views(self.images, self.source, self.prep, rows, [pixels], fetched)
         params = {name: torch.from_numpy(np.concatenate([f[name] for _, f in fetched]))
                   for name in self.source.recipe_names}
-        return {"images": torch.stack(images), "boxes": torch.from_numpy(np.concatenate([f["boxes"] for _, f in fetched])),
-                "flips": torch.from_numpy(np.concatenate([f["flips"] for _, f in fetched])), "rows": row,
-                "params": params}
+        boxes = np.concatenate([f["boxes"] for _, f in fetched])
+        flips = np.concatenate([f["flips"] for _, f in fetched])
+        return {"images": torch.stack(images), "boxes": torch.from_numpy(boxes), "flips": torch.from_numpy(flips),
+                "rows": row, "params": params}
 
 
 class EvalViews(Dataset):

@@ -316,11 +316,6 @@ def render_view(image: torch.Tensor, record: dict, prep: Preprocess, recipe: Rec
     return x
 
 
-def record_at(arrays: dict, i: int) -> dict:
-    """Record `i` of a batch of records (arrays with a leading batch axis)."""
-    return {name: value[i] for name, value in arrays.items() if name in ("crops", "flips") or name in PARAM_NAMES}
-
-
 def stack_records(records: Sequence[dict]) -> dict[str, np.ndarray]:
     """Records stacked along a new first axis, one array per dataset."""
     return {name: np.stack([np.asarray(r[name]) for r in records]) for name in records[0]}

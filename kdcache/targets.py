@@ -333,7 +333,7 @@ PIXEL_LIBRARIES = ("torchvision", "Pillow")
 
 
 def _note_recipe(config: TrainConfig, reader: CacheReader, progress: Progress) -> None:
-    """Say when the run's recipe options are not the cache's (the cache's are replayed) or its pixel libraries differ."""
+    """Note recipe options that are not the cache's (the cache's recipe is replayed) and other pixel libraries."""
     if config.recipe != reader.recipe and not config.recipe.is_default:
         dumped = reader.recipe.to_json() or "crop and flip only"
         progress.note(f"{reader.path} replays the recipe it was dumped with ({dumped}); the recipe options given "

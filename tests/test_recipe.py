@@ -233,3 +233,22 @@ def test_verify_fails_on_a_tampered_parameter(tmp_path: Path, cache: str, folder
             f[name][...] = values
         result = verify_cache(str(edited), **args)
         assert not result["ok"] and result["crop_mismatches"] == 1, (name, result)
+
+
+@pytest.mark.slow
+def test_a_two_process_torchrun_dump_stores_the_one_process_parameters(tmp_path: Path, cache: str, folder: str,
+                                                                       teacher: str) -> None:
+    """torchrun's ranks dump their shares into part files with the recipe's parameters; the merge keeps them."""
+    from test_distributed import run_ok
+
+    out = tmp_path / "two.h5"
+    run_ok(["dump-teacher", "--data", folder, "--teacher", TEACHER, "--checkpoint", teacher, "--views", VIEWS,
+            "--store", "fp32", "--img-size", 32, "--device", "cpu", "--workers", 0, "--batch-size", 16,
+            "--seed", SEED, "--out", out, "--mixup", 0.8, "--cutmix", 1.0, "--aa", RECIPE.aa, "--reprob", 0.25],
+           tmp_path / "logs")
+    with h5py.File(out) as two, h5py.File(cache) as one:
+        assert two.attrs["format_version"] == 2 and two.attrs["recipe"] == one.attrs["recipe"]
+        for name in ("crops", "flips", "ra_ops", "ra_args", "erase_boxes", "erase_seeds", "mix_partners",
+                     "mix_lambdas", "cutmix_boxes"):
+            assert two[name][:].tobytes() == one[name][:].tobytes(), name
+        np.testing.assert_allclose(two["logits"][:], one["logits"][:], rtol=1e-5, atol=1e-5)
