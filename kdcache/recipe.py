@@ -49,6 +49,7 @@ final argument is stored as float32 and applied as that float32 value.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Sequence
@@ -101,8 +102,12 @@ def augment_policy(aa: str) -> AugmentPolicy:
 
     resolved = AA_ALIASES.get(aa, aa)
     hint = f"--aa must be a timm RandAugment string such as rand-m9-mstd0.5-inc1, or {', '.join(AA_ALIASES)}"
-    if not resolved.startswith("rand"):
+    sections = resolved.split("-")
+    if sections[0] != "rand":
         raise ConfigError(f"{hint}; got '{aa}'")
+    for section in sections[1:]:  # timm skips a section without a number silently; a typo must not pass
+        if not re.fullmatch(r"t\w+|(mstd|mmax|inc|m|n|p)\d+(\.\d+)?", section):
+            raise ConfigError(f"{hint}; got '{aa}' (unknown section '{section}')")
     try:
         ra = rand_augment_transform(resolved, {})
     except (AssertionError, ValueError, KeyError, TypeError) as e:

@@ -76,6 +76,7 @@ def test_default_recipe_draws_todays_crops_and_writes_nothing_more() -> None:
     ("--mixup", "-1", "--mixup must be a number >= 0, got -1"),
     ("--reprob", "2", "--reprob must be in [0, 1], got 2"),
     ("--aa", "rand-m9-zz3", "--aa must be a timm RandAugment string"),
+    ("--aa", "rand-m9-foo", "unknown section 'foo'"),
     ("--aa", "autoaugment", "--aa must be a timm RandAugment string"),
 ])
 def test_bad_recipe_values_are_one_line_errors(tmp_path: Path, option: str, value: str, message: str) -> None:
