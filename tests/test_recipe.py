@@ -21,7 +21,7 @@ from kdcache.cache import CacheReader
 from kdcache.cli import main
 from kdcache.config import CropRanges, DumpConfig, OptimOptions, Recipe, RunOptions, TrainConfig
 from kdcache.data import open_dataset
-from kdcache.errors import ConfigError
+from kdcache.errors import CacheError, ConfigError
 from kdcache.loaders import EpochOrder, TrainViews, train_loader
 from kdcache.losses import label_targets
 from kdcache.models import create_model, save_checkpoint
@@ -253,3 +253,22 @@ def test_a_two_process_torchrun_dump_stores_the_one_process_parameters(tmp_path:
                      "mix_lambdas", "cutmix_boxes"):
             assert two[name][:].tobytes() == one[name][:].tobytes(), name
         np.testing.assert_allclose(two["logits"][:], one["logits"][:], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_grown_recipe_cache_equals_one_dumped_in_one_go(tmp_path: Path, cache: str, folder: str,
+                                                          teacher: str) -> None:
+    out = tmp_path / "grown.h5"
+    for views in (1, VIEWS):  # the second dump keeps view 0 and adds view 1
+        dump(DumpConfig(teacher=TEACHER, checkpoint=teacher, out=str(out), views=views, store="fp32", recipe=RECIPE,
+                        run=_run(folder, 16)))
+    with h5py.File(out) as grown, h5py.File(cache) as one:
+        assert grown.attrs["grown_from_views"] == 1 and grown.attrs["recipe"] == one.attrs["recipe"]
+        for name in ("crops", "flips", "ra_ops", "ra_args", "erase_boxes", "erase_seeds", "mix_partners",
+                     "mix_lambdas", "cutmix_boxes"):
+            assert grown[name][:].tobytes() == one[name][:].tobytes(), name
+        np.testing.assert_allclose(grown["logits"][:], one["logits"][:], rtol=1e-5, atol=1e-5)
+    # A recipe is a setting: a dump with another one does not grow the cache, it is refused.
+    with pytest.raises(CacheError, match="recipe"):
+        dump(DumpConfig(teacher=TEACHER, checkpoint=teacher, out=str(out), views=VIEWS + 1, store="fp32",
+                        recipe=Recipe(mixup=0.2), run=_run(folder, 16)))
