@@ -76,8 +76,15 @@ def inspect_cache(path: str, progress: Progress | None = None) -> dict:
     sampled = np.zeros(n, dtype=bool)
     sampled[rows] = True
     stats = _ViewStats(info.num_views)
+    shares = {"mixed": 0, "cutmix": 0, "erased": 0, "augmented": 0}  # views with each recipe step, of all records
 
     def visit(first_row: int, arrays: dict[str, np.ndarray], valid: np.ndarray) -> None:
+        for key, name, used in (("mixed", "mix_partners", lambda a: a >= 0),
+                                ("cutmix", "cutmix_boxes", lambda a: a[..., 2] > 0),
+                                ("erased", "erase_boxes", lambda a: a[..., 2] > 0),
+                                ("augmented", "ra_ops", lambda a: (a >= 0).any(axis=-1))):
+            if name in arrays:
+                shares[key] += int(used(arrays[name]).sum())
         picked = np.flatnonzero(sampled[first_row:first_row + len(valid)])
         row, view = np.nonzero(valid[picked])
         if len(row):
@@ -101,6 +108,8 @@ def inspect_cache(path: str, progress: Progress | None = None) -> dict:
         "mean": list(info.mean), "std": list(info.std), "interpolation": info.interpolation,
         "crop_scale": list(info.crop_scale), "crop_ratio": list(info.crop_ratio), "hflip": info.hflip,
         "recipe": info.recipe or "crop and flip only",
+        **{f"{key}_views_pct": 100.0 * count / max(1, n * info.num_views) for key, count in shares.items()
+           if info.recipe},
         "file_bytes": reader.file_size, "bytes_per_record": record_bytes(info),
         "stats_rows": int(len(rows)),
         "teacher_top1_mean": _mean([v["top1"] for v in per_view]),
