@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import shutil
 from pathlib import Path
@@ -125,7 +126,7 @@ def test_stored_parameters_equal_the_derived_ones(cache: str, folder: str) -> No
     reader = CacheReader(cache)
     train = open_dataset(folder, "train")
     assert reader.attrs["format_version"] == 2 and reader.recipe == RECIPE
-    assert {"torchvision", "Pillow"} <= set(__import__("json").loads(reader.attrs["library_versions"]))
+    assert {"torchvision", "Pillow"} <= set(json.loads(reader.attrs["library_versions"]))
     seen = {"mixed": 0, "cutmix": 0, "erased": 0, "ops": 0}
     for view in range(VIEWS):
         stored = reader.read_records(np.arange(len(train)), view)
@@ -272,3 +273,27 @@ def test_a_grown_recipe_cache_equals_one_dumped_in_one_go(tmp_path: Path, cache:
     with pytest.raises(CacheError, match="recipe"):
         dump(DumpConfig(teacher=TEACHER, checkpoint=teacher, out=str(out), views=VIEWS + 1, store="fp32",
                         recipe=Recipe(mixup=0.2), run=_run(folder, 16)))
+
+
+@pytest.mark.slow
+def test_training_notes_other_pixel_libraries_and_unused_recipe_options(tmp_path: Path, cache: str, folder: str,
+                                                                        teacher: str) -> None:
+    from kdcache.report import Progress
+
+    class Notes(Progress):
+        def __init__(self) -> None:
+            self.notes: list[str] = []
+
+        def note(self, message: str) -> None:
+            self.notes.append(message)
+
+    edited = tmp_path / "older.h5"
+    shutil.copy(cache, edited)
+    with h5py.File(edited, "r+") as f:
+        versions = json.loads(f.attrs["library_versions"])
+        f.attrs["library_versions"] = json.dumps({**versions, "Pillow": "9.0.0"})
+    notes = Notes()
+    fit(TrainConfig(model=STUDENT, out=str(tmp_path / "s"), run=_run(folder, 16), epochs=1, cached=str(edited),
+                    recipe=Recipe(mixup=0.2)), notes)
+    assert any("was dumped with Pillow 9.0.0" in n for n in notes.notes), notes.notes
+    assert any("replays the recipe it was dumped with" in n for n in notes.notes), notes.notes
