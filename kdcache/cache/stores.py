@@ -92,12 +92,18 @@ class TopK(StoreCodec):
     Decoding gives every other class the logit that spreads the remaining
     probability mass (at T=1) evenly over them, so the kept classes keep their
     probabilities and the tail is flat.
+
+    With `compact` (the records of a ``--compact`` cache) the log-sum-exp is
+    stored as float16 ``logsumexp_gap``: the log-sum-exp minus the largest
+    kept logit as stored (float16). The gap lies in [0, ln C] (up to the
+    rounding of that logit), where float16 steps are at most 2^-11 * ln C
+    (0.0034 for C = 1000), while a raw log-sum-exp of 20 would step by 0.016.
     """
 
     tolerance = 2e-2  # the kept logits are float16, and a dump may run under AMP
 
-    def __init__(self, k: int) -> None:
-        self.store, self.classes_kept = f"topk:{k}", k
+    def __init__(self, k: int, compact: bool = False) -> None:
+        self.store, self.classes_kept, self.compact = f"topk:{k}", k, compact
 
     @staticmethod
     def _index_dtype(num_classes: int) -> np.dtype:
@@ -105,28 +111,38 @@ class TopK(StoreCodec):
 
     def datasets(self, num_classes: int) -> Layout:
         k = self.classes_kept
+        lse = {"logsumexp_gap": ((), np.dtype(np.float16))} if self.compact else \
+            {"logsumexp": ((), np.dtype(np.float32))}
         return {"topk_values": ((k,), np.dtype(np.float16)),
-                "topk_indices": ((k,), self._index_dtype(num_classes)),
-                "logsumexp": ((), np.dtype(np.float32))}
+                "topk_indices": ((k,), self._index_dtype(num_classes)), **lse}
 
     def encode(self, logits: np.ndarray) -> dict[str, np.ndarray]:
         order = np.argsort(-logits, axis=-1, kind="stable")[..., :self.classes_kept]
-        values = np.take_along_axis(logits, order, axis=-1)
+        values = self._cast(np.take_along_axis(logits, order, axis=-1), np.dtype(np.float16))
         peak = logits.max(axis=-1, keepdims=True)
         lse = (peak + np.log(np.exp(logits - peak).sum(axis=-1, keepdims=True)))[..., 0]
-        return {"topk_values": self._cast(values, np.dtype(np.float16)),
-                "topk_indices": order.astype(self._index_dtype(logits.shape[-1])),
-                "logsumexp": lse.astype(np.float32)}
+        out = {"topk_values": values, "topk_indices": order.astype(self._index_dtype(logits.shape[-1]))}
+        if self.compact:  # measured from the stored (rounded) peak, so decoding adds only the gap's rounding
+            out["logsumexp_gap"] = (lse.astype(np.float64) - values[..., 0]).astype(np.float16)
+        else:
+            out["logsumexp"] = lse.astype(np.float32)
+        return out
+
+    def logsumexp(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
+        """The float32 log-sum-exp of each record, from whichever form the records store."""
+        if self.compact:
+            return arrays["topk_values"][..., 0].astype(np.float32) + arrays["logsumexp_gap"].astype(np.float32)
+        return arrays["logsumexp"].astype(np.float32)
 
     def decode(self, arrays: dict[str, np.ndarray], num_classes: int) -> np.ndarray:
         values = arrays["topk_values"].astype(np.float32)
         index = arrays["topk_indices"].astype(np.int64)
-        lse = arrays["logsumexp"].astype(np.float32)[..., None]
         top = values.shape[-1]
         if top >= num_classes:
             out = np.empty(values.shape[:-1] + (num_classes,), dtype=np.float32)
             np.put_along_axis(out, index, values, axis=-1)
             return out
+        lse = self.logsumexp(arrays)[..., None]
         kept = np.exp(values - lse).sum(axis=-1, keepdims=True)
         rest = np.clip(1.0 - kept, 1e-12, None) / (num_classes - top)
         out = np.broadcast_to(lse + np.log(rest), values.shape[:-1] + (num_classes,)).copy()
@@ -139,23 +155,29 @@ class TopK(StoreCodec):
 
     def faults(self, arrays: dict[str, np.ndarray], num_classes: int) -> list[tuple[str, np.ndarray]]:
         values, index = arrays["topk_values"], arrays["topk_indices"]
+        lse = arrays["logsumexp_gap" if self.compact else "logsumexp"]
         ordered = np.sort(index, axis=-1)
-        return [("the top-k logits hold NaN or Inf",
-                 ~np.isfinite(values).all(axis=-1) | ~np.isfinite(arrays["logsumexp"])),
+        return [("the top-k logits hold NaN or Inf", ~np.isfinite(values).all(axis=-1) | ~np.isfinite(lse)),
                 (f"a top-k class index is outside [0, {num_classes})",
                  ((index < 0) | (index >= num_classes)).any(axis=-1)),
                 ("a top-k class index repeats", (ordered[..., 1:] == ordered[..., :-1]).any(axis=-1))]
 
+    def __repr__(self) -> str:
+        return f"store_codec({self.store!r}, compact={self.compact})" if self.compact else super().__repr__()
 
-def store_codec(store: str, num_classes: int | None = None) -> StoreCodec:
-    """The codec of a ``--store`` value (fp16, fp32 or topk:K); with `num_classes`, also check that K fits."""
+
+def store_codec(store: str, num_classes: int | None = None, compact: bool = False) -> StoreCodec:
+    """The codec of a ``--store`` value (fp16, fp32 or topk:K); with `num_classes`, also check that K fits.
+
+    `compact`: the codec of a ``--compact`` cache (top-k keeps its log-sum-exp in float16; the others are unchanged).
+    """
     codec: StoreCodec | None = None
     if store == "fp32":
         codec = FullLogits("fp32", np.float32, 1e-3)  # a different batch composition or BLAS: float32 rounding
     elif store == "fp16":
         codec = FullLogits("fp16", np.float16, 2e-2)  # half precision (2^-11 relative) and a dump under AMP
     elif isinstance(store, str) and store.startswith("topk:") and store[5:].isdigit() and int(store[5:]) >= 1:
-        codec = TopK(int(store[5:]))
+        codec = TopK(int(store[5:]), compact)
     if codec is None:
         raise CacheError(f"--store must be fp16, fp32 or topk:K with K >= 1, got '{store}'")
     if num_classes is not None and codec.classes_kept is not None and codec.classes_kept > num_classes:
