@@ -111,12 +111,15 @@ version it does not know with one line that says which versions it reads.
     ``witness_flips``  (W,)    uint8    its flip, as ``flips`` above
     =================  ======  =======  ==============================
 
-    A compact ``topk:k`` store keeps ``logsumexp_gap`` (N,K) float16 instead
-    of ``logsumexp``: the log-sum-exp of all C logits minus the record's
-    largest stored top-k value (``topk_values[..., 0]``, as stored), so the
-    log-sum-exp is ``topk_values[..., 0] + logsumexp_gap``. The gap lies in
-    [0, ln C] up to that value's rounding, where float16 keeps it to within
-    2^-11 of ln C. Other stores are unchanged. A v1 reader would find no
+    A compact ``topk:k`` store keeps ``tail_logsumexp_gap`` (N,K) float16
+    instead of ``logsumexp``: the log-sum-exp of the C - k classes not kept,
+    minus the record's largest stored top-k value (``topk_values[..., 0]``,
+    as stored; at least -60000, for a tail of no mass). The reader gives each
+    of those classes the logit ``topk_values[..., 0] + tail_logsumexp_gap -
+    ln(C - k)``: the same flat tail as above, its mass taken from the stored
+    number instead of 1 minus the kept mass (see :class:`~kdcache.cache.stores.TopK`
+    for why). The gap is at most ln(C - k), and float16 keeps it to within
+    2^-11 of its size. Other stores are unchanged. A v1 reader would find no
     ``crops`` and refuse the file, hence version 2.
 
 A change that an older reader cannot read (a new required dataset or
