@@ -8,12 +8,14 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from conftest import STUDENT, TEACHER, make_image_folder
 from kdcache import augment, parts
 from kdcache.audit import inspect_cache, kl_per_record, verify_cache
 from kdcache.cache import CacheReader, CacheWriter, record_bytes, store_codec
+from kdcache.cache import reader as reader_module
 from kdcache.cli import main
 from kdcache.config import DumpConfig, OptimOptions, RunOptions, TrainConfig
 from kdcache.data import open_dataset
@@ -124,6 +126,17 @@ def test_training_from_a_compact_cache_equals_the_stored_one_per_step(caches: tu
     assert relative.max() < 1e-4, relative
 
 
+def test_cache_replay_of_a_compact_cache_gives_the_stored_caches_crops(caches: tuple[Path, Path],
+                                                                        folder: Path) -> None:
+    from kdcache.replay import CacheReplay
+
+    stored, compact = (CacheReplay(path, str(folder)) for path in caches)
+    for epoch in (0, 1):
+        a, b = stored.__getitems__([(r, epoch) for r in (3, 17, 9)]), compact.__getitems__([(r, epoch) for r in (3, 17, 9)])
+        assert torch.equal(a["images"], b["images"]) and a["views"] == b["views"] == [epoch]
+        assert torch.equal(a["teacher_logits"].argmax(1), b["teacher_logits"].argmax(1))
+
+
 def test_a_tampered_witness_is_one_line(caches: tuple[Path, Path], tmp_path: Path) -> None:
     path = copy_of(caches[1], tmp_path / "tampered.h5")
     with h5py.File(path, "r+") as h5:
@@ -134,7 +147,7 @@ def test_a_tampered_witness_is_one_line(caches: tuple[Path, Path], tmp_path: Pat
         CacheReader(path)
     message = str(e.value)
     assert "\n" not in message and message.startswith(f"{path}: this kdcache derives other crops than the dump")
-    assert "read it with kdcache 0.1.0, which wrote it, or dump it again" in message
+    assert message.endswith("kdcache 0.1.0 wrote it, so its witness is damaged; dump it again")
 
 
 def test_a_changed_crop_sampler_refuses_the_cache(caches: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -146,9 +159,11 @@ def test_a_changed_crop_sampler_refuses_the_cache(caches: tuple[Path, Path], mon
         return box * np.float32(0.5), flip
 
     monkeypatch.setattr(augment, "sample_crop", shifted)
+    monkeypatch.setattr(reader_module, "__version__", "0.3.0")  # as if a later kdcache sampled crops differently
     CacheReader(caches[0])
-    with pytest.raises(CacheError, match=r"derives other crops than the dump of this compact cache did \(sample id"):
+    with pytest.raises(CacheError, match=r"derives other crops than the dump of this compact cache did \(sample id") as e:
         CacheReader(caches[1])
+    assert str(e.value).endswith("; read it with kdcache 0.1.0, which wrote it, or dump it again")
 
 
 def test_an_image_of_another_size_is_refused_where_the_data_is_at_hand(caches: tuple[Path, Path], folder: Path,

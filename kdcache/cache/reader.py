@@ -12,6 +12,7 @@ import numpy as np
 
 from ..errors import CacheError
 from ..report import Progress
+from .. import __version__
 from ..augment import sample_crops
 from ..config import CropRanges
 from .format import FORMAT_VERSION, READ_VERSIONS, CacheInfo, attr_error, check_datasets, info_codec, info_from_attrs, \
@@ -87,8 +88,10 @@ class CacheReader:
         differ = witness_mismatch(self.info, self.witness) if self.info.compact else ""
         if differ:
             written = self.attrs.get("kdcache_version", "an unknown version")
+            hint = f"read it with kdcache {written}, which wrote it, or dump it again" if written != __version__ else \
+                f"kdcache {written} wrote it, so its witness is damaged; dump it again"
             raise CacheError(f"{self.path}: this kdcache derives other crops than the dump of this compact cache did "
-                             f"({differ}); read it with kdcache {written}, which wrote it, or dump it again")
+                             f"({differ}); {hint}")
         outside = np.flatnonzero((self.labels < 0) | (self.labels >= self.info.num_classes))
         if len(outside):
             raise CacheError(f"{self.path}: dataset 'labels' holds class {int(self.labels[outside[0]])} at row "

@@ -14,13 +14,16 @@ the images still decode to the stored sizes.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from ..augment import sample_crops
 from ..config import CropRanges
 from .stores import Layout
+
+if TYPE_CHECKING:  # format.py imports this module for the layout
+    from .format import CacheInfo
 
 WITNESS_RECORDS = 64  # 64 x 25 bytes per file; re-deriving them costs about a millisecond per open
 _PICK_SALT = 0x317E55  # keeps the witness draw apart from the crops' own (seed, sample id, view) streams
@@ -41,11 +44,11 @@ def witness_records(seed: int, num_samples: int, num_views: int) -> tuple[np.nda
     return rows, rng.integers(0, num_views, len(rows))
 
 
-def _ranges(info) -> CropRanges:
+def _ranges(info: CacheInfo) -> CropRanges:
     return CropRanges(scale=tuple(info.crop_scale), ratio=tuple(info.crop_ratio), hflip=info.hflip)
 
 
-def _derive(info, ids: np.ndarray, views: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _derive(info: CacheInfo, ids: np.ndarray, views: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Today's crops of the records (ids, views) of images of (height, width) `sizes`."""
     pairs = [sample_crops(info.seed, ids[i:i + 1], [tuple(sizes[i])], int(views[i]), _ranges(info))
              for i in range(len(ids))]
@@ -54,7 +57,7 @@ def _derive(info, ids: np.ndarray, views: np.ndarray, sizes: np.ndarray) -> tupl
     return boxes, flips
 
 
-def make_witness(info, sample_ids: np.ndarray, size_of: Callable[[int], tuple[int, int]]) -> dict[str, np.ndarray]:
+def make_witness(info: CacheInfo, sample_ids: np.ndarray, size_of: Callable[[int], tuple[int, int]]) -> dict[str, np.ndarray]:
     """The witness of a compact cache of `info` over rows with `sample_ids`; `size_of(row)` gives (height, width)."""
     rows, views = witness_records(info.seed, info.num_samples, info.num_views)
     ids = np.asarray(sample_ids, dtype=np.int64)[rows]
@@ -64,7 +67,7 @@ def make_witness(info, sample_ids: np.ndarray, size_of: Callable[[int], tuple[in
             "witness_crops": boxes.astype(np.float32), "witness_flips": flips.astype(np.uint8)}
 
 
-def witness_mismatch(info, witness: dict[str, np.ndarray]) -> str:
+def witness_mismatch(info: CacheInfo, witness: dict[str, np.ndarray]) -> str:
     """How the stored witness differs from today's derivation, worded for its first record that does; '' if none."""
     shapes = {name: shape for name, (shape, _) in witness_layout(info.num_samples).items()}
     if {name: np.shape(value) for name, value in witness.items()} != shapes:
