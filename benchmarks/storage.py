@@ -148,7 +148,8 @@ def main() -> None:
     result = {"command": f"python benchmarks/storage.py {args.cache} --temperature {args.temperature:g}",
               "cache": {"path": args.cache, "teacher": info.teacher, "dataset": info.dataset_name,
                         "records_measured": int(len(logits)), "num_classes": info.num_classes},
-              "real": real, "logsumexp_error": lse, "synthetic_1000": synthetic, "synthetic_1000_teacher": synthetic_stats,
+              "real": real, "logsumexp_error": lse, "synthetic_1000": synthetic,
+              "synthetic_1000_teacher": synthetic_stats,
               "projections": projections}
     out = Path(args.out_prefix)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -144,7 +144,7 @@ def dump_teacher(teacher: str, checkpoint: str | None, pretrained: bool, views: 
     """Run the teacher once over K seeded views of every training image into one HDF5 cache.
 
     The crop of (seed, sample id, view) is stored with the teacher's logits, so
-    students replay it exactly. An interrupted dump resumes when the same
+    students replay it exactly (with --compact it is derived again on read). An interrupted dump resumes when the same
     command runs again; the file appears under its name only when complete.
     Run on a complete cache of the same settings with more --views, it grows
     that cache: the new views are dumped, the old ones copied bit for bit, and

@@ -17,5 +17,5 @@ from .witness import make_witness
 from .writer import CacheWriter, growth_mismatch
 
 __all__ = ["FORMAT_VERSION", "PRELOAD_LIMIT_BYTES", "CacheInfo", "CacheReader", "CacheWriter", "DamagedChunk",
-           "FileIdentity", "FullLogits", "RecordScan", "StoreCodec", "TopK", "growth_mismatch", "info_attrs", "make_witness",
-           "info_from_attrs", "layout", "parse_store", "plain_attr", "record_bytes", "record_faults", "settings_mismatch", "store_codec"]
+           "FileIdentity", "FullLogits", "RecordScan", "StoreCodec", "TopK", "growth_mismatch", "info_attrs",
+           "make_witness", "info_from_attrs", "layout", "parse_store", "plain_attr", "record_bytes", "record_faults", "settings_mismatch", "store_codec"]

@@ -83,7 +83,8 @@ class CacheReader:
             h5.close()
         self.codec = info_codec(self.info)
         self.target_names = tuple(self.codec.datasets(self.info.num_classes))
-        self.record_names = tuple(record_layout(self.info))  # the per-view datasets: crops, flips (unless compact), targets
+        # The per-view datasets: crops and flips (unless compact), then the targets.
+        self.record_names = tuple(record_layout(self.info))
         self.ranges = CropRanges(scale=self.info.crop_scale, ratio=self.info.crop_ratio, hflip=self.info.hflip)
         differ = witness_mismatch(self.info, self.witness) if self.info.compact else ""
         if differ:

@@ -57,7 +57,8 @@ def _derive(info: CacheInfo, ids: np.ndarray, views: np.ndarray, sizes: np.ndarr
     return boxes, flips
 
 
-def make_witness(info: CacheInfo, sample_ids: np.ndarray, size_of: Callable[[int], tuple[int, int]]) -> dict[str, np.ndarray]:
+def make_witness(info: CacheInfo, sample_ids: np.ndarray,
+                 size_of: Callable[[int], tuple[int, int]]) -> dict[str, np.ndarray]:
     """The witness of a compact cache of `info` over rows with `sample_ids`; `size_of(row)` gives (height, width)."""
     rows, views = witness_records(info.seed, info.num_samples, info.num_views)
     ids = np.asarray(sample_ids, dtype=np.int64)[rows]
