@@ -122,8 +122,7 @@ def test_training_from_a_compact_cache_equals_the_stored_one_per_step(caches: tu
     assert len(losses["stored"]) == len(losses["compact"]) == 6
     # Same crops (bit for bit), same float16 kept logits; only the flat tail logit differs: from the tail's own
     # float16 log-sum-exp instead of 1 - (the kept mass). That moved the steps' losses by at most 6.3e-6
-    # (relative) when this test was written; 3e-5 leaves room for other BLAS rounding, and a wrong crop or
-    # a wrong tail (e.g. a tail mass off by its log-sum-exp) moves them by far more.
+    # (relative) when this test was written; 3e-5 leaves room for another machine's rounding.
     relative = np.abs(losses["compact"] - losses["stored"]) / losses["stored"]
     assert relative.max() < 3e-5, relative
 

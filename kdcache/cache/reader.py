@@ -10,11 +10,11 @@ from typing import Callable, Sequence
 import h5py
 import numpy as np
 
-from ..errors import CacheError
-from ..report import Progress
 from .. import __version__
 from ..augment import sample_crops
 from ..config import CropRanges
+from ..errors import CacheError
+from ..report import Progress
 from .format import FORMAT_VERSION, READ_VERSIONS, CacheInfo, attr_error, check_datasets, info_codec, info_from_attrs, \
     plain_attr, record_bytes, record_faults, record_layout
 from .hdf5 import DAMAGED, DamagedChunk, FileIdentity, open_h5, read_rows, worded
