@@ -198,6 +198,9 @@ class DumpConfig:
     views: int = 15  # one view per student epoch of the paper's 15-epoch schedule
     crops: CropRanges = field(default_factory=CropRanges)
     store: str = "fp16"  # half the bytes of fp32; logits lose < 1e-3 relative
+    # Store no crops or flips (17 bytes per record; derived from (seed, sample id, view) on read) and top-k's
+    # log-sum-exp in float16. Off by default: such a cache is format version 2, which older releases cannot read.
+    compact: bool = False
     force: bool = False  # overwrite a complete cache; discard a partial one of other settings
 
     def __post_init__(self) -> None:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .augment import Preprocess, sample_crop, view_rng
+from .augment import Preprocess, sample_crops
 from .cache import CacheReader
 from .config import CropRanges, TrainConfig
 from .data import ImageSet
@@ -51,13 +51,16 @@ class SeededViews:
         return slot
 
     def fetch(self, rows: np.ndarray, ids: np.ndarray, sizes: list[tuple[int, int]], view: int) -> dict:
-        boxes, flips = zip(*(sample_crop(view_rng(self.seed, sid, view), h, w, self.ranges)
-                             for sid, (h, w) in zip(ids, sizes)))
-        return {"boxes": np.stack(boxes), "flips": np.array(flips, dtype=bool)}
+        boxes, flips = sample_crops(self.seed, ids, sizes, view, self.ranges)
+        return {"boxes": boxes, "flips": flips}
 
 
 class CachedViews:
-    """Crops and teacher logits read from a cache, with ``view = slot mod K`` (slot: the epoch when M = 1)."""
+    """Crops and teacher logits read from a cache, with ``view = slot mod K`` (slot: the epoch when M = 1).
+
+    A compact cache stores no crops: the reader derives them from the image
+    `sizes` with the code :class:`SeededViews` uses.
+    """
 
     def __init__(self, reader: CacheReader) -> None:
         self.reader = reader
@@ -67,7 +70,7 @@ class CachedViews:
         return slot % self.reader.info.num_views
 
     def fetch(self, rows: np.ndarray, ids: np.ndarray, sizes: list[tuple[int, int]], view: int) -> dict:
-        boxes, flips, logits = self.reader.read(rows, view)
+        boxes, flips, logits = self.reader.read(rows, view, sizes)
         return {"boxes": boxes, "flips": flips, "teacher_logits": torch.from_numpy(logits)}
 
 
@@ -91,7 +94,7 @@ class EnsembleViews:
         return slot % self.num_views
 
     def fetch(self, rows: np.ndarray, ids: np.ndarray, sizes: list[tuple[int, int]], view: int) -> dict:
-        reads = [reader.read(rows, view) for reader in self.readers]
+        reads = [reader.read(rows, view, sizes) for reader in self.readers]
         boxes, flips, _ = reads[0]  # the others' crops were checked equal, bit for bit, at open
         logits = ensemble_logits([torch.from_numpy(t) for _, _, t in reads], self.weights, self.temperature)
         return {"boxes": boxes, "flips": flips, "teacher_logits": logits}
@@ -199,7 +202,9 @@ def _dataset_side(reader: CacheReader, train: ImageSet) -> tuple[str, np.ndarray
 def check_cache_fits(reader: CacheReader, train: ImageSet) -> None:
     """Refuse a cache made for another dataset, split or class count, saying what differs.
 
-    Any input size fits: crop boxes are fractions of the image.
+    Any input size fits: crop boxes are fractions of the image. A compact
+    cache derives its crops from the images' sizes, so the images of its
+    witness records must still decode to the sizes the dump saw.
     """
     info, path = reader.info, reader.path
     fingerprint, hashes = _dataset_side(reader, train)
@@ -220,6 +225,13 @@ def check_cache_fits(reader: CacheReader, train: ImageSet) -> None:
         else:
             why = "the class names differ"
         raise CacheError(f"{path} was dumped from another dataset than {train.name} ({why})")
+    witness = reader.witness
+    for sid, (h, w) in zip(witness.get("witness_ids", ()), witness.get("witness_sizes", ())):
+        row = int(np.flatnonzero(reader.sample_ids == sid)[0])
+        now = tuple(train.load(row).shape[-2:])
+        if now != (h, w):
+            raise CacheError(f"{path}: {train.describe(row)} decodes to {now[0]}x{now[1]} pixels, {h}x{w} when the "
+                             "compact cache was dumped, so its crops would differ; dump the teacher again")
 
 
 # What several caches must share to train one student together: the same crops (seed and ranges; the stored
@@ -235,6 +247,9 @@ def check_caches_agree(readers: Sequence[CacheReader]) -> None:
     ensemble replays (the first min K) are compared bit for bit, a block of
     rows at a time: crops derive from (seed, sample id, view), so equal
     settings should give equal crops, and this proves it for the files at hand.
+    A compact cache's crops are derived (and its witness checked) at open, so
+    equal settings prove them equal; its witness records are still compared
+    with the other cache's (stored or witness) crops of the same records.
     """
     first = readers[0]
     for other in readers[1:]:
@@ -250,7 +265,10 @@ def check_caches_agree(readers: Sequence[CacheReader]) -> None:
                 raise CacheError(f"{both}: their {name} differs ({_worded(mine)} vs {_worded(theirs)}); dump both "
                                  "with the same --data, --seed and crop ranges, and teachers of the same "
                                  "normalisation")
-        _check_same_crops(first, other, both)
+        if first.stores_crops and other.stores_crops:
+            _check_same_crops(first, other, both)
+        else:
+            _check_witnesses(first, other, both)
 
 
 def _worded(value: object) -> str:
@@ -280,6 +298,35 @@ def _check_same_crops(first: CacheReader, other: CacheReader, both: str) -> None
     finally:  # the handles were opened in this process; DataLoader workers open their own
         first.close()
         other.close()
+
+
+def _witness_crops(reader: CacheReader) -> dict[tuple[int, int], tuple[bytes, int]]:
+    """{(sample id, view): (box bits, flip)} of a compact cache's witness records."""
+    w = reader.witness
+    return {(int(s), int(v)): (np.asarray(box, dtype=np.float32).tobytes(), int(f))
+            for s, v, box, f in zip(w["witness_ids"], w["witness_views"], w["witness_crops"], w["witness_flips"])}
+
+
+def _check_witnesses(first: CacheReader, other: CacheReader, both: str) -> None:
+    """The crops of the records in either cache's witness agree bit for bit, for the views both hold."""
+    views = min(first.info.num_views, other.info.num_views)
+    known = {reader.path: _witness_crops(reader) for reader in (first, other) if not reader.stores_crops}
+    for path, records in known.items():
+        against = other if path == first.path else first
+        for (sid, view), (box, flip) in records.items():
+            if view >= views:
+                continue
+            if not against.stores_crops:
+                theirs = known[against.path].get((sid, view))
+            else:
+                row = int(np.flatnonzero(against.sample_ids == sid)[0])
+                theirs = (against.stored("crops", row, row + 1)[0, view].tobytes(),
+                          int(against.stored("flips", row, row + 1)[0, view]))
+            if theirs is not None and theirs != (box, flip):
+                raise CacheError(f"{both}: their crops differ at sample id {sid} view {view}; dump both with the "
+                                 "same --data, --seed and crop ranges")
+    first.close()
+    other.close()
 
 
 def _note_sizes(readers: Sequence[CacheReader], img_size: int, progress: Progress) -> None:

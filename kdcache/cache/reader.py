@@ -5,17 +5,20 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import h5py
 import numpy as np
 
+from .. import __version__
+from ..augment import sample_crops
+from ..config import CropRanges
 from ..errors import CacheError
 from ..report import Progress
-from .format import FORMAT_VERSION, READ_VERSIONS, CacheInfo, attr_error, check_datasets, info_from_attrs, plain_attr, record_bytes, \
-    record_faults
+from .format import FORMAT_VERSION, READ_VERSIONS, CacheInfo, attr_error, check_datasets, info_codec, info_from_attrs, \
+    plain_attr, record_bytes, record_faults, record_layout
 from .hdf5 import DAMAGED, DamagedChunk, FileIdentity, open_h5, read_rows, worded
-from .stores import store_codec
+from .witness import witness_layout, witness_mismatch
 
 # A cache smaller than this is read into memory by default; reads then cost nothing.
 PRELOAD_LIMIT_BYTES = 2 * 1024**3
@@ -51,6 +54,11 @@ class CacheReader:
     or modified since) is refused then. Every batch read checks its records'
     values (finite logits, boxes inside the image, ...), and HDF5 checks each
     chunk's checksum in files that have them.
+
+    A compact cache (format version 2) stores no crops: :meth:`read` derives
+    them from ``(seed, sample id, view)`` and the image sizes it is given, and
+    the constructor re-derives the file's witness records and refuses the
+    file when this kdcache would derive other crops than the dump did.
     """
 
     def __init__(self, path: str | Path, preload: bool | None = None) -> None:
@@ -66,12 +74,25 @@ class CacheReader:
             self.sample_ids = read_rows(self._dataset(h5, "sample_ids"), self.path, slice(None))
             self.labels = read_rows(self._dataset(h5, "labels"), self.path, slice(None))
             self.content_hashes = read_rows(self._dataset(h5, "content_hashes"), self.path, slice(None))
+            # A compact cache's witness: a few crops as the dump derived them (empty when crops are stored).
+            self.witness = {name: read_rows(self._dataset(h5, name), self.path, slice(None))
+                            for name in (witness_layout(self.info.num_samples) if self.info.compact else {})}
             with worded(self.path, "the root attributes"):
                 self.attrs = {k: plain_attr(v) for k, v in h5.attrs.items()}
         finally:
             h5.close()
-        self.codec = store_codec(self.info.store, self.info.num_classes)
+        self.codec = info_codec(self.info)
         self.target_names = tuple(self.codec.datasets(self.info.num_classes))
+        # The per-view datasets: crops and flips (unless compact), then the targets.
+        self.record_names = tuple(record_layout(self.info))
+        self.ranges = CropRanges(scale=self.info.crop_scale, ratio=self.info.crop_ratio, hflip=self.info.hflip)
+        differ = witness_mismatch(self.info, self.witness) if self.info.compact else ""
+        if differ:
+            written = self.attrs.get("kdcache_version", "an unknown version")
+            hint = f"read it with kdcache {written}, which wrote it, or dump it again" if written != __version__ else \
+                f"kdcache {written} wrote it, so its witness is damaged; dump it again"
+            raise CacheError(f"{self.path}: this kdcache derives other crops than the dump of this compact cache did "
+                             f"({differ}); {hint}")
         outside = np.flatnonzero((self.labels < 0) | (self.labels >= self.info.num_classes))
         if len(outside):
             raise CacheError(f"{self.path}: dataset 'labels' holds class {int(self.labels[outside[0]])} at row "
@@ -137,8 +158,13 @@ class CacheReader:
         with worded(self.path, f"dataset '{name}'"):
             return h5[name]
 
+    @property
+    def stores_crops(self) -> bool:
+        """False for a compact cache: its crops are derived from (seed, sample id, view) and the image size."""
+        return not self.info.compact
+
     def _arrays(self) -> dict[str, h5py.Dataset | np.ndarray]:
-        names = ("crops", "flips") + self.target_names
+        names = self.record_names
         h5 = self._file() if self._memory is None else None
         if not self.preload:
             if set(names) - self._handles.keys():  # opened once per process: h5py's lookup costs more than a read's checks
@@ -150,7 +176,7 @@ class CacheReader:
             rows = max(1, SCAN_BLOCK_BYTES // max(1, int(record_bytes(self.info)) * self.info.num_views))
             for lo in range(0, self.info.num_samples, rows):
                 block = {name: a[lo:lo + rows] for name, a in memory.items()}
-                self._refuse_faults(block, np.arange(lo, lo + len(block["crops"])))
+                self._refuse_faults(block, np.arange(lo, lo + len(block[names[0]])))
             self._memory = memory
         return self._memory
 
@@ -173,14 +199,31 @@ class CacheReader:
         if examples:
             raise CacheError(f"{self.path}: {examples[0]}; {DAMAGED}")
 
-    def read(self, rows: np.ndarray, view: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def read(self, rows: np.ndarray, view: int,
+             sizes: Sequence[tuple[int, int]] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Crops (B,4), flips (B,) and full float32 logits (B,C) of view `view` for `rows`.
 
         Rows are read in sorted order (as HDF5 requires) and returned in the
         order asked. An invalid record (non-finite logits, a box outside the
         image, ...) or a chunk that fails its checksum is a CacheError naming it.
+        A compact cache derives the crops from `sizes`, the (height, width) of
+        each row's image, which it then needs (a cache that stores crops ignores them).
         """
         rows = np.asarray(rows, dtype=np.int64)
+        if not self.stores_crops:
+            if sizes is None or len(sizes) != len(rows):
+                raise ValueError(f"{self.path} is a compact cache: read() needs the (height, width) of each row's "
+                                 "image to derive its crops")
+            boxes, flips = sample_crops(self.info.seed, self.sample_ids[rows], list(sizes), view, self.ranges)
+            return boxes, flips, self.read_logits(rows, view)
+        return self._read_records(rows, view)
+
+    def read_logits(self, rows: np.ndarray, view: int) -> np.ndarray:
+        """Full float32 logits (B,C) of view `view` for `rows` (in the order asked), without their crops."""
+        return self._read_records(np.asarray(rows, dtype=np.int64), view)[2]
+
+    def _read_records(self, rows: np.ndarray, view: int) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray]:
+        """The stored crops and flips (None in a compact cache) and the decoded logits of `rows`."""
         order = np.argsort(rows, kind="stable")
         unique, inverse = np.unique(rows[order], return_inverse=True)
         arrays = self._arrays()
@@ -193,6 +236,8 @@ class CacheReader:
         undo[order] = np.arange(len(order))
         picked = {name: value[inverse][undo] for name, value in picked.items()}
         logits = self.codec.decode({k: picked[k] for k in self.target_names}, self.info.num_classes)
+        if not self.stores_crops:
+            return None, None, logits
         return picked["crops"], picked["flips"].astype(bool), logits
 
     def stored(self, name: str, start: int, stop: int) -> np.ndarray:
@@ -201,7 +246,7 @@ class CacheReader:
 
     def read_all_logits(self, view: int) -> np.ndarray:
         """Full float32 logits (N,C) of one view (for inspection and verification)."""
-        return self.read(np.arange(self.info.num_samples), view)[2]
+        return self.read_logits(np.arange(self.info.num_samples), view)
 
     def scan(self, visit: Callable[[int, dict[str, np.ndarray], np.ndarray], None] | None = None,
              progress: Progress | None = None) -> RecordScan:
@@ -213,7 +258,7 @@ class CacheReader:
         its valid records.
         """
         progress = progress or Progress()
-        names = ("crops", "flips") + self.target_names
+        names = self.record_names
         h5 = self._file()
         step = min((chunks[0] for chunks in (self._dataset(h5, name).chunks for name in names) if chunks), default=1)
         per_row = max(1, int(record_bytes(self.info)) * self.info.num_views)
