@@ -103,7 +103,7 @@ def inspect_cache(path: str, progress: Progress | None = None) -> dict:
         "teacher_checkpoint_sha256": info.teacher_checkpoint_sha256, "teacher_pretrained": info.teacher_pretrained,
         "dataset": info.dataset_name, "dataset_split": info.dataset_split,
         "dataset_fingerprint": info.dataset_fingerprint, "content_hash": info.content_hash,
-        "num_samples": n, "num_views": info.num_views,
+        "num_samples": n, "num_views": info.num_views, "crops": _crops_worded(reader),
         "num_classes": info.num_classes, "store": info.store, "seed": info.seed, "input_size": info.input_size,
         "mean": list(info.mean), "std": list(info.std), "interpolation": info.interpolation,
         "crop_scale": list(info.crop_scale), "crop_ratio": list(info.crop_ratio), "hflip": info.hflip,
@@ -118,6 +118,13 @@ def inspect_cache(path: str, progress: Progress | None = None) -> dict:
         "per_view": per_view,
         "library_versions": reader.attrs.get("library_versions"),
     }
+
+
+def _crops_worded(reader: CacheReader) -> str:
+    if reader.stores_crops:
+        return "stored"
+    return (f"derived from (seed, sample id, view) (compact; {len(reader.witness['witness_ids'])} witness records "
+            "re-derived on open: equal)")
 
 
 def default_tolerance(store: str) -> float:

@@ -99,6 +99,20 @@ def sample_crop(rng: np.random.Generator, height: int, width: int, ranges: CropR
     return fractions, flip
 
 
+def sample_crops(seed: int, ids: np.ndarray, sizes: list[tuple[int, int]], view: int,
+                 ranges: CropRanges) -> tuple[np.ndarray, np.ndarray]:
+    """The crops of view `view` of images `ids` of (height, width) `sizes`: boxes (B,4) float32 and flips (B,) bool.
+
+    The one place a batch's crops are derived from ``(seed, sample id, view)``:
+    seeded training, and the reader of a compact cache, which stores no crops.
+    """
+    if len(ids) == 0:
+        return np.zeros((0, 4), dtype=np.float32), np.zeros(0, dtype=bool)
+    boxes, flips = zip(*(sample_crop(view_rng(seed, int(sid), view), int(h), int(w), ranges)
+                         for sid, (h, w) in zip(ids, sizes)))
+    return np.stack(boxes), np.array(flips, dtype=bool)
+
+
 def box_pixels(box: np.ndarray, height: int, width: int) -> tuple[int, int, int, int]:
     """A fractional box back in whole pixels (top, left, height, width), inside the image."""
     top = min(int(round(float(box[0]) * height)), height - 1)

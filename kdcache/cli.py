@@ -131,6 +131,11 @@ def train_teacher(model: str, epochs: int, out: str, pretrained: bool, checkpoin
               help="Seeded crops per image (a student epoch e uses view e mod K). On an existing cache of the "
                    "same settings with fewer views, adds the missing views (the others are kept, not recomputed).")
 @click.option("--store", default="fp16", show_default=True, help="Logit storage: fp16, fp32 or topk:K.")
+@click.option("--compact", is_flag=True,
+              help="Compact records: store no crop box or flip (17 of topk:5's 41 bytes per image and view) and "
+                   "top-k's log-sum-exp in float16 (2 more): topk:5 then takes 22 bytes. Readers re-derive each "
+                   "crop from (seed, sample id, view) and the image size, and every open checks 64 stored "
+                   "records against that derivation. Format version 2: releases reading only version 1 refuse it.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="The cache file to write (.h5).")
 @click.option("--force", is_flag=True,
               help="Overwrite an existing cache, and discard a partial dump made with other settings.")
@@ -138,12 +143,12 @@ def train_teacher(model: str, epochs: int, out: str, pretrained: bool, checkpoin
              img_help="Input size in pixels. [default: 224]")
 @crop_options
 @recipe_options()
-def dump_teacher(teacher: str, checkpoint: str | None, pretrained: bool, views: int, store: str, out: str,
-                 force: bool, **o: Any) -> None:
+def dump_teacher(teacher: str, checkpoint: str | None, pretrained: bool, views: int, store: str, compact: bool,
+                 out: str, force: bool, **o: Any) -> None:
     """Run the teacher once over K seeded views of every training image into one HDF5 cache.
 
     The crop of (seed, sample id, view) is stored with the teacher's logits, so
-    students replay it exactly. An interrupted dump resumes when the same
+    students replay it exactly (with --compact it is derived again on read). An interrupted dump resumes when the same
     command runs again; the file appears under its name only when complete.
     Run on a complete cache of the same settings with more --views, it grows
     that cache: the new views are dumped, the old ones copied bit for bit, and
@@ -165,7 +170,8 @@ def dump_teacher(teacher: str, checkpoint: str | None, pretrained: bool, views: 
     from .teacher import dump
 
     config = DumpConfig(teacher=teacher, out=out, run=run_config(o), checkpoint=checkpoint, pretrained=pretrained,
-                        views=views, crops=crop_ranges(o), recipe=recipe_config(o), store=store, force=force)
+                        views=views, crops=crop_ranges(o), recipe=recipe_config(o), store=store, compact=compact,
+                        force=force)
     main_process = _is_main()
     if checkpoint is None and not pretrained and main_process:
         click.echo("note: no --checkpoint or --pretrained: the teacher has random weights", err=True)

@@ -270,6 +270,9 @@ class DumpConfig:
     crops: CropRanges = field(default_factory=CropRanges)
     recipe: Recipe = field(default_factory=Recipe)  # the default: crop and flip only, a version-1 cache
     store: str = "fp16"  # half the bytes of fp32; logits lose < 1e-3 relative
+    # Store no crops or flips (17 bytes per record; derived from (seed, sample id, view) on read) and top-k's
+    # log-sum-exp in float16. Off by default: such a cache is format version 2, which older releases cannot read.
+    compact: bool = False
     force: bool = False  # overwrite a complete cache; discard a partial one of other settings
 
     def __post_init__(self) -> None:
@@ -278,6 +281,9 @@ class DumpConfig:
         _require(bool(self.teacher), "--teacher must name a timm model")
         _require(bool(self.out), "--out must name the cache file to write")
         _at_least("--views", self.views, 1)
+        # A compact cache derives crops on read; the recipe's other parameters are stored, not yet derived there.
+        _require(not (self.compact and not self.recipe.is_default),
+                 "--compact does not take a recipe (--mixup, --cutmix, --aa, --color-jitter, --reprob) yet")
         try:
             parse_store(self.store)  # fp16 | fp32 | topk:K with K >= 1; K <= classes is checked with the data
         except KdcacheError as e:

@@ -38,7 +38,7 @@ from .augment import Preprocess, apply_crop, eval_view, sample_crop, view_rng
 from .config import CropRanges, Recipe
 from .data import ImageSet
 from .errors import CacheError
-from .recipe import PARAM_NAMES, is_mixed, render_view
+from .recipe import PARAM_NAMES, is_mixed, param_names, render_view
 from .targets import CachedViews, SeededViews
 
 
@@ -251,7 +251,7 @@ class DumpViews(Dataset):
                    for v in range(self.first_view, self.num_views)]
         images, _ = render_views(self.images, self.source, self.prep, rows, [pixels], fetched)
         params = {name: torch.from_numpy(np.concatenate([f[name] for _, f in fetched]))
-                  for name in self.source.recipe_names}
+                  for name in param_names(self.source.recipe)}
         boxes = np.concatenate([f["boxes"] for _, f in fetched])
         flips = np.concatenate([f["flips"] for _, f in fetched])
         return {"images": torch.stack(images), "boxes": torch.from_numpy(boxes), "flips": torch.from_numpy(flips),

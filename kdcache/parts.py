@@ -114,22 +114,23 @@ def check_part(path: Path, info: CacheInfo, rank: int, world_size: int, sample_i
 
 def merge_parts(out: str | Path, info: CacheInfo, sample_ids: np.ndarray, labels: np.ndarray,
                 content_hashes: np.ndarray, world_size: int, force: bool = False,
-                progress: Progress | None = None) -> Path:
+                progress: Progress | None = None, witness: dict[str, np.ndarray] | None = None) -> Path:
     """Rank 0, after every part is complete: copy all parts into `out`, in row order; delete the parts.
 
     Rows are copied in blocks ``[lo, hi)`` aligned to `world_size`; within a
     block, part ``r`` holds the rows ``lo + r, lo + r + W, ...`` as one
     contiguous slice, so every read and write is a slice. A merge that was
-    interrupted resumes: blocks whose rows are all done are skipped.
+    interrupted resumes: blocks whose rows are all done are skipped. A
+    compact cache's `witness` is its own (each part has one over its rows).
     """
     progress = progress or Progress()
     out = Path(out)
     n = info.num_samples
     readers = [check_part(part_path(out, r, world_size), part_info(info, np.arange(r, n, world_size)), r,
                           world_size, sample_ids[r::world_size]) for r in range(world_size)]
-    writer = CacheWriter(out, info, sample_ids, labels, content_hashes, force=force)
+    writer = CacheWriter(out, info, sample_ids, labels, content_hashes, force=force, witness=witness)
     try:
-        names = readers[0].view_names
+        names = readers[0].record_names
         row_bytes = record_bytes(info) * info.num_views
         block = max(1, int(_MERGE_BLOCK_BYTES // max(row_bytes, 1)) // world_size) * world_size
         pending = np.zeros(n, dtype=bool)

@@ -324,3 +324,36 @@ def render_view(image: torch.Tensor, record: dict, prep: Preprocess, recipe: Rec
 def stack_records(records: Sequence[dict]) -> dict[str, np.ndarray]:
     """Records stacked along a new first axis, one array per dataset."""
     return {name: np.stack([np.asarray(r[name]) for r in records]) for name in records[0]}
+
+
+def sample_records(seed: int, rows: np.ndarray, ids: np.ndarray, sizes: Sequence[tuple[int, int]], view: int,
+                   ranges: CropRanges, recipe: Recipe, num_rows: int, size: int) -> dict[str, np.ndarray]:
+    """The records of view `view` of `rows` (sample ids `ids`, images of `sizes`), stacked: :func:`sample_view`."""
+    from .augment import view_rng
+
+    return stack_records([sample_view(view_rng(seed, sid, view), h, w, ranges, recipe, num_rows, int(row), size)
+                          for row, sid, (h, w) in zip(rows, ids, sizes)])
+
+
+# The libraries whose code makes a recipe's pixels (resizing, the RandAugment ops, colour jitter).
+PIXEL_LIBRARIES = ("torchvision", "Pillow")
+
+
+def replay_notes(asked: Recipe, dumped: Recipe, attrs: dict, path: object) -> list[str]:
+    """What a run replaying a cache (`dumped` recipe, root `attrs`) should be told: recipe options `asked` that
+    are not the cache's (its own recipe is replayed) and other versions of the libraries that make the pixels."""
+    import json
+
+    from .cache.format import library_versions
+
+    notes = []
+    if asked != dumped and not asked.is_default:
+        notes.append(f"{path} replays the recipe it was dumped with ({dumped.to_json() or 'crop and flip only'}); "
+                     "the recipe options given here are not used")
+    try:
+        then, now = json.loads(str(attrs.get("library_versions") or "{}")), json.loads(library_versions())
+    except ValueError:
+        return notes
+    return notes + [f"{path} was dumped with {name} {then[name]}, this run has {now[name]}: the replayed pixels may "
+                    "differ slightly from the ones the teacher saw"
+                    for name in PIXEL_LIBRARIES if name in then and then[name] != now[name]]

@@ -22,18 +22,16 @@ another input size than the teacher saw: the same boxes, resized to its size.
 
 from __future__ import annotations
 
-import json
 from typing import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from .augment import Preprocess, sample_crop, view_rng
+from .augment import Preprocess, sample_crops
 from .cache import CacheReader
-from .cache.format import library_versions
 from .config import CropRanges, Recipe, TrainConfig
-from .recipe import param_names, sample_view, stack_records
+from .recipe import replay_notes, sample_records
 from .data import ImageSet
 from .devices import channels_last
 from .errors import CacheError
@@ -46,10 +44,8 @@ class SeededViews:
     """Crops drawn from ``(seed, sample_id, view)``, with ``view = slot`` (the epoch when M = 1)."""
 
     def __init__(self, seed: int, ranges: CropRanges, recipe: Recipe | None = None, num_rows: int = 0) -> None:
-        self.seed = seed
-        self.ranges = ranges
+        self.seed, self.ranges = seed, ranges
         self.recipe = recipe or Recipe()  # beyond crop and flip, the views' parameters come from sample_view
-        self.recipe_names = param_names(self.recipe)
         self.num_rows = num_rows  # the rows a mixing partner is drawn from
 
     def view(self, slot: int) -> int:
@@ -60,17 +56,18 @@ class SeededViews:
               size: int | None = None) -> dict:
         """Crop boxes and flips of `rows` (and, under a recipe, every parameter of views of input size `size`)."""
         if self.recipe.is_default:
-            boxes, flips = zip(*(sample_crop(view_rng(self.seed, sid, view), h, w, self.ranges)
-                                 for sid, (h, w) in zip(ids, sizes)))
-            return {"boxes": np.stack(boxes), "flips": np.array(flips, dtype=bool)}
-        records = stack_records([sample_view(view_rng(self.seed, sid, view), h, w, self.ranges, self.recipe,
-                                             self.num_rows, int(row), size)
-                                 for row, sid, (h, w) in zip(rows, ids, sizes)])
+            boxes, flips = sample_crops(self.seed, ids, sizes, view, self.ranges)
+            return {"boxes": boxes, "flips": flips}
+        records = sample_records(self.seed, rows, ids, sizes, view, self.ranges, self.recipe, self.num_rows, size)
         return {"boxes": records.pop("crops"), "flips": records.pop("flips").astype(bool), **records}
 
 
 class CachedViews:
-    """Crops and teacher logits read from a cache, with ``view = slot mod K`` (slot: the epoch when M = 1)."""
+    """Crops and teacher logits read from a cache, with ``view = slot mod K`` (slot: the epoch when M = 1).
+
+    A compact cache stores no crops: the reader derives them from the image
+    `sizes` with the code :class:`SeededViews` uses.
+    """
 
     def __init__(self, reader: CacheReader) -> None:
         self.reader = reader
@@ -82,9 +79,9 @@ class CachedViews:
 
     def fetch(self, rows: np.ndarray, ids: np.ndarray, sizes: list[tuple[int, int]], view: int,
               size: int | None = None) -> dict:
-        records = self.reader.read_records(rows, view)
-        logits = torch.from_numpy(records.pop("teacher_logits"))
-        return {"boxes": records.pop("crops"), "flips": records.pop("flips"), "teacher_logits": logits, **records}
+        records = self.reader.read_records(rows, view, sizes)  # flips and the recipe's parameters as they are
+        records["boxes"], records["teacher_logits"] = records.pop("crops"), torch.from_numpy(records["teacher_logits"])
+        return records
 
 
 class EnsembleViews:
@@ -109,12 +106,12 @@ class EnsembleViews:
 
     def fetch(self, rows: np.ndarray, ids: np.ndarray, sizes: list[tuple[int, int]], view: int,
               size: int | None = None) -> dict:
-        reads = [reader.read_records(rows, view) for reader in self.readers]
+        reads = [reader.read_records(rows, view, sizes) for reader in self.readers]
         first = reads[0]  # the others' crops were checked equal, bit for bit, at open; their recipes equal
-        logits = ensemble_logits([torch.from_numpy(r["teacher_logits"]) for r in reads], self.weights,
-                                 self.temperature)
-        params = {k: v for k, v in first.items() if k not in ("crops", "flips", "teacher_logits")}
-        return {"boxes": first["crops"], "flips": first["flips"], "teacher_logits": logits, **params}
+        first["teacher_logits"] = ensemble_logits([torch.from_numpy(r["teacher_logits"]) for r in reads],
+                                                  self.weights, self.temperature)
+        first["boxes"] = first.pop("crops")
+        return first
 
 
 class TargetSource:
@@ -141,9 +138,7 @@ class PlainTargets(TargetSource):
     """No teacher: cross-entropy on the labels only."""
 
     def __init__(self, seed: int, ranges: CropRanges, recipe: Recipe | None = None, num_rows: int = 0) -> None:
-        self.views = SeededViews(seed, ranges, recipe, num_rows)
-        self.crops = ranges
-        self.record = {}
+        self.views, self.crops, self.record = SeededViews(seed, ranges, recipe, num_rows), ranges, {}
 
 
 class CachedTargets(TargetSource):
@@ -188,10 +183,7 @@ class OnlineTeacher(TargetSource):
                  num_rows: int = 0) -> None:
         self.teacher = teacher.eval()
         self.views = SeededViews(seed, ranges, recipe, num_rows)
-        self.amp_dtype = amp_dtype
-        self.prep = prep
-        self.crops = ranges
-        self.record = record or {}
+        self.amp_dtype, self.prep, self.crops, self.record = amp_dtype, prep, ranges, record or {}
 
     @torch.no_grad()  # not inference_mode: the loss saves these logits for backward
     def teacher_logits(self, batch: dict, inputs: torch.Tensor) -> torch.Tensor:
@@ -220,7 +212,9 @@ def _dataset_side(reader: CacheReader, train: ImageSet) -> tuple[str, np.ndarray
 def check_cache_fits(reader: CacheReader, train: ImageSet) -> None:
     """Refuse a cache made for another dataset, split or class count, saying what differs.
 
-    Any input size fits: crop boxes are fractions of the image.
+    Any input size fits: crop boxes are fractions of the image. A compact
+    cache derives its crops from the images' sizes, so the images of its
+    witness records must still decode to the sizes the dump saw.
     """
     info, path = reader.info, reader.path
     fingerprint, hashes = _dataset_side(reader, train)
@@ -241,6 +235,13 @@ def check_cache_fits(reader: CacheReader, train: ImageSet) -> None:
         else:
             why = "the class names differ"
         raise CacheError(f"{path} was dumped from another dataset than {train.name} ({why})")
+    witness = reader.witness
+    for sid, (h, w) in zip(witness.get("witness_ids", ()), witness.get("witness_sizes", ())):
+        row = int(np.flatnonzero(reader.sample_ids == sid)[0])
+        now = tuple(train.load(row).shape[-2:])
+        if now != (h, w):
+            raise CacheError(f"{path}: {train.describe(row)} decodes to {now[0]}x{now[1]} pixels, {h}x{w} when the "
+                             "compact cache was dumped, so its crops would differ; dump the teacher again")
 
 
 # What several caches must share to train one student together: the same crops (seed and ranges; the stored
@@ -257,6 +258,9 @@ def check_caches_agree(readers: Sequence[CacheReader]) -> None:
     ensemble replays (the first min K) are compared bit for bit, a block of
     rows at a time: crops derive from (seed, sample id, view), so equal
     settings should give equal crops, and this proves it for the files at hand.
+    A compact cache's crops are derived (and its witness checked) at open, so
+    equal settings prove them equal; its witness records are still compared
+    with the other cache's (stored or witness) crops of the same records.
     """
     first = readers[0]
     for other in readers[1:]:
@@ -272,7 +276,10 @@ def check_caches_agree(readers: Sequence[CacheReader]) -> None:
                 raise CacheError(f"{both}: their {name} differs ({_worded(mine)} vs {_worded(theirs)}); dump both "
                                  "with the same --data, --seed and crop ranges, and teachers of the same "
                                  "normalisation")
-        _check_same_crops(first, other, both)
+        if first.stores_crops and other.stores_crops:
+            _check_same_crops(first, other, both)
+        else:
+            _check_witnesses(first, other, both)
 
 
 def _worded(value: object) -> str:
@@ -304,6 +311,35 @@ def _check_same_crops(first: CacheReader, other: CacheReader, both: str) -> None
         other.close()
 
 
+def _witness_crops(reader: CacheReader) -> dict[tuple[int, int], tuple[bytes, int]]:
+    """{(sample id, view): (box bits, flip)} of a compact cache's witness records."""
+    w = reader.witness
+    return {(int(s), int(v)): (np.asarray(box, dtype=np.float32).tobytes(), int(f))
+            for s, v, box, f in zip(w["witness_ids"], w["witness_views"], w["witness_crops"], w["witness_flips"])}
+
+
+def _check_witnesses(first: CacheReader, other: CacheReader, both: str) -> None:
+    """The crops of the records in either cache's witness agree bit for bit, for the views both hold."""
+    views = min(first.info.num_views, other.info.num_views)
+    known = {reader.path: _witness_crops(reader) for reader in (first, other) if not reader.stores_crops}
+    for path, records in known.items():
+        against = other if path == first.path else first
+        for (sid, view), (box, flip) in records.items():
+            if view >= views:
+                continue
+            if not against.stores_crops:
+                theirs = known[against.path].get((sid, view))
+            else:
+                row = int(np.flatnonzero(against.sample_ids == sid)[0])
+                theirs = (against.stored("crops", row, row + 1)[0, view].tobytes(),
+                          int(against.stored("flips", row, row + 1)[0, view]))
+            if theirs is not None and theirs != (box, flip):
+                raise CacheError(f"{both}: their crops differ at sample id {sid} view {view}; dump both with the "
+                                 "same --data, --seed and crop ranges")
+    first.close()
+    other.close()
+
+
 def _note_sizes(readers: Sequence[CacheReader], img_size: int, progress: Progress) -> None:
     views = [r.info.num_views for r in readers]
     if len(set(views)) > 1:
@@ -328,27 +364,6 @@ def _note_view_reuse(config: TrainConfig, num_views: int, progress: Progress) ->
                       "so views are reused")
 
 
-# The libraries whose code makes a recipe's pixels (resizing, the RandAugment ops, colour jitter).
-PIXEL_LIBRARIES = ("torchvision", "Pillow")
-
-
-def _note_recipe(config: TrainConfig, reader: CacheReader, progress: Progress) -> None:
-    """Note recipe options that are not the cache's (the cache's recipe is replayed) and other pixel libraries."""
-    if config.recipe != reader.recipe and not config.recipe.is_default:
-        dumped = reader.recipe.to_json() or "crop and flip only"
-        progress.note(f"{reader.path} replays the recipe it was dumped with ({dumped}); the recipe options given "
-                      "here are not used")
-    try:
-        dumped = json.loads(str(reader.attrs.get("library_versions") or "{}"))
-        here = json.loads(library_versions())
-    except ValueError:
-        return
-    for name in PIXEL_LIBRARIES:
-        if name in dumped and dumped[name] != here[name]:
-            progress.note(f"{reader.path} was dumped with {name} {dumped[name]}, this run has {here[name]}: the "
-                          "replayed pixels may differ slightly from the ones the teacher saw")
-
-
 def create_target_source(config: TrainConfig, readers: CacheReader | Sequence[CacheReader] | None, train: ImageSet,
                          img_size: int, device: torch.device, amp: torch.dtype | None,
                          progress: Progress | None = None) -> TargetSource:
@@ -368,7 +383,8 @@ def create_target_source(config: TrainConfig, readers: CacheReader | Sequence[Ca
         check_caches_agree(readers)
         _note_sizes(readers, img_size, progress)
         _note_view_reuse(config, min(r.info.num_views for r in readers), progress)
-        _note_recipe(config, readers[0], progress)
+        for note in replay_notes(config.recipe, readers[0].recipe, readers[0].attrs, readers[0].path):
+            progress.note(note)
         return CachedTargets(readers, img_size, config.teacher_weights, config.temperature)
     if config.online_teacher:
         teacher = build(config.online_teacher, train.num_classes, img_size, pretrained=config.teacher_pretrained,

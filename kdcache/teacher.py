@@ -14,7 +14,7 @@ from torch import nn
 from . import distributed, parts
 from .augment import Preprocess
 from .background import BackgroundWriter
-from .cache import CacheInfo, CacheReader, CacheWriter, growth_mismatch, store_codec
+from .cache import CacheInfo, CacheReader, CacheWriter, growth_mismatch, make_witness, store_codec
 from .config import DumpConfig
 from .data import ImageSet, open_dataset
 from .errors import CacheError, KdcacheError
@@ -129,8 +129,21 @@ def cache_info(config: DumpConfig, train: ImageSet, prep: Preprocess, img_size: 
         mean=prep.mean, std=prep.std, interpolation=prep.interpolation, crop_pct=prep.crop_pct,
         crop_scale=tuple(config.crops.scale), crop_ratio=tuple(config.crops.ratio), hflip=config.crops.hflip,
         dataset_name=train.name, dataset_split=train.split, dataset_fingerprint=train.fingerprint,
-        class_names=tuple(train.classes), content_hash=train.content_hash_scheme, recipe=config.recipe.to_json(),
+        class_names=tuple(train.classes), content_hash=train.content_hash_scheme, compact=config.compact,
+        recipe=config.recipe.to_json(),
     )
+
+
+def witness_of(info: CacheInfo, train: ImageSet, rows: np.ndarray | None = None) -> dict[str, np.ndarray] | None:
+    """The crop witness of a compact cache of `info` over dataset `rows` (all by default); None when not compact."""
+    if not info.compact:
+        return None
+    rows = np.arange(len(train)) if rows is None else rows
+
+    def size_of(i: int) -> tuple[int, int]:
+        return tuple(train.load(int(rows[i])).shape[-2:])
+
+    return make_witness(info, train.ids[rows], size_of)
 
 
 def _refuse_unless_fewer_views(out: Path, views: int) -> None:
@@ -199,7 +212,7 @@ def _dump_alone(config: DumpConfig, info: CacheInfo, train: ImageSet, dumper: _D
             progress.note(f"growing {config.out} from {source.info.num_views} to {config.views} views (the first "
                           f"{source.info.num_views} are kept, not recomputed)")
         writer = CacheWriter(config.out, info, train.ids, train.labels, train.content_hashes, force=config.force,
-                             grow_from=source, progress=progress)
+                             grow_from=source, progress=progress, witness=witness_of(info, train))
     finally:
         if source is not None:
             source.close()  # the copy is made: OUT is not read again, only replaced when the grown file is complete
@@ -230,7 +243,8 @@ def _dump_part_and_merge(config: DumpConfig, info: CacheInfo, train: ImageSet, d
             part.unlink()  # --force: a finished part of other settings is discarded, like OUT itself
     if not part.exists():
         writer = CacheWriter(part, part_info, train.ids[rows], train.labels[rows], train.content_hashes[rows],
-                             force=config.force, extra_attrs=parts.part_attrs(dist.rank, dist.world_size))
+                             force=config.force, extra_attrs=parts.part_attrs(dist.rank, dist.world_size),
+                             witness=witness_of(part_info, train, rows))
         resumed = writer.resumed_rows
     try:
         (resumed_all,) = dist.all_reduce([resumed])
@@ -251,7 +265,7 @@ def _dump_part_and_merge(config: DumpConfig, info: CacheInfo, train: ImageSet, d
     if not dist.is_main():
         return summary | {"rank": dist.rank}
     path = parts.merge_parts(out, info, train.ids, train.labels, train.content_hashes, dist.world_size,
-                             force=config.force, progress=progress)
+                             force=config.force, progress=progress, witness=witness_of(info, train))
     return summary | {"cache": str(path), "file_bytes": path.stat().st_size}
 
 

@@ -56,24 +56,56 @@ def test_golden_v1_cache_reads_with_todays_reader(store: str) -> None:
 
 
 _spec2 = importlib.util.spec_from_file_location("make_golden_v2", DATA / "make_golden_v2.py")
-golden_v2 = importlib.util.module_from_spec(_spec2)
+golden_v2r = importlib.util.module_from_spec(_spec2)
 sys.modules.setdefault("make_golden_v1", golden)  # make_golden_v2 builds on the v1 values
-_spec2.loader.exec_module(golden_v2)
+_spec2.loader.exec_module(golden_v2r)
 
 
 def test_golden_v2_recipe_cache_reads_with_todays_reader() -> None:
     """A cache with a recipe (format version 2): its recipe and every stored view parameter read back as written."""
-    expected = golden_v2.golden_values()
-    reader = CacheReader(DATA / golden_v2.NAME)
+    expected = golden_v2r.golden_values()
+    reader = CacheReader(DATA / golden_v2r.NAME)
     assert reader.attrs["format_version"] == 2
-    assert reader.info == golden_v2.golden_info()
+    assert reader.info == golden_v2r.golden_info()
     assert reader.recipe.mixup == 0.8 and reader.recipe.aa == "rand-m9-mstd0.5-inc1"
     rows = np.array([4, 0, 2])
-    for view in range(golden_v2.K):
+    for view in range(golden_v2r.K):
         records = reader.read_records(rows, view)
         np.testing.assert_array_equal(records["crops"], expected["crops"][rows, view])
         np.testing.assert_array_equal(records["teacher_logits"], expected["logits"][rows, view])
         for name in reader.params.names:
             np.testing.assert_array_equal(records[name], expected[name][rows, view], err_msg=name)
     assert reader.scan().ok
+    reader.close()
+
+
+_spec_v2 = importlib.util.spec_from_file_location("make_golden_v2_compact", DATA / "make_golden_v2_compact.py")
+golden_v2 = importlib.util.module_from_spec(_spec_v2)
+_spec_v2.loader.exec_module(golden_v2)
+
+
+def test_golden_v2_compact_cache_reads_with_todays_reader() -> None:
+    """Compact records: crops derived from the seed and the image sizes, the tail's float16 log-sum-exp."""
+    from kdcache.augment import sample_crops
+
+    expected = golden.golden_values()
+    reader = CacheReader(DATA / golden_v2.NAME)  # its crop witness re-derives bit for bit, or this fails
+    assert reader.attrs["format_version"] == 2 and not reader.stores_crops
+    assert reader.info == golden_v2.golden_info()
+    np.testing.assert_array_equal(reader.sample_ids, expected["sample_ids"])
+    rows = np.array([4, 0, 2])
+    sizes = [golden_v2.image_size(int(r)) for r in rows]
+    for view in range(golden.K):
+        boxes, flips, logits = reader.read(rows, view, sizes)
+        want_boxes, want_flips = sample_crops(7, expected["sample_ids"][rows], sizes, view, reader.ranges)
+        assert boxes.tobytes() == want_boxes.tobytes() and np.array_equal(flips, want_flips)
+        want = expected["logits"][rows, view]
+        top = np.argsort(-want, axis=1)[:, :2]
+        np.testing.assert_array_equal(np.argsort(-logits, axis=1)[:, :2], top)
+        np.testing.assert_array_equal(np.take_along_axis(logits, top, 1),
+                                      np.take_along_axis(want, top, 1).astype(np.float16).astype(np.float32))
+        rest = np.ones_like(want, dtype=bool)
+        np.put_along_axis(rest, top, False, 1)
+        tail = np.log(np.exp(want[rest].reshape(-1, 2).astype(np.float64)).sum(1)) - np.log(2)
+        np.testing.assert_allclose(logits[rest].reshape(-1, 2), np.repeat(tail[:, None], 2, 1), atol=4e-3)
     reader.close()

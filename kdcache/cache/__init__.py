@@ -7,6 +7,7 @@
 * :mod:`~kdcache.cache.params`: the codec of a recipe's per-view parameters (format version 2).
 * :mod:`~kdcache.cache.writer`: :class:`CacheWriter` (resumable, crash-safe, atomic; grows a cache).
 * :mod:`~kdcache.cache.reader`: :class:`CacheReader` (validated once, opened lazily per process).
+* :mod:`~kdcache.cache.witness`: the crop witness of a compact cache (crops derived, not stored).
 """
 
 from .format import FORMAT_VERSION, CacheInfo, info_attrs, info_from_attrs, layout, plain_attr, record_bytes, \
@@ -14,8 +15,9 @@ from .format import FORMAT_VERSION, CacheInfo, info_attrs, info_from_attrs, layo
 from .hdf5 import DamagedChunk, FileIdentity
 from .reader import PRELOAD_LIMIT_BYTES, CacheReader, RecordScan
 from .stores import FullLogits, StoreCodec, TopK, parse_store, store_codec
+from .witness import make_witness
 from .writer import CacheWriter, growth_mismatch
 
 __all__ = ["FORMAT_VERSION", "PRELOAD_LIMIT_BYTES", "CacheInfo", "CacheReader", "CacheWriter", "DamagedChunk",
            "FileIdentity", "FullLogits", "RecordScan", "StoreCodec", "TopK", "growth_mismatch", "info_attrs",
-           "info_from_attrs", "layout", "parse_store", "plain_attr", "record_bytes", "record_faults", "settings_mismatch", "store_codec"]
+           "make_witness", "info_from_attrs", "layout", "parse_store", "plain_attr", "record_bytes", "record_faults", "settings_mismatch", "store_codec"]

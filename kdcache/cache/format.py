@@ -16,6 +16,7 @@ Datasets
                                       top + height <= 1 and left + width <= 1
                                       (up to 1e-6 of float rounding)
 ``flips``           (N,K)    uint8    1 where the view is mirrored, else 0
+                                      (a compact cache has neither, see Versions)
 ``done``            (N,)     uint8    1 once every view of the row is written
                                       (a resumed dump skips these rows)
 
@@ -93,7 +94,8 @@ optionally, ``content_hash`` (the scheme of ``content_hashes`` and of the
 fingerprint; a file without it reads as ``head-tail-64k``: file size plus the
 first and last 64 KiB). A cache grown from one of fewer views (below) also
 records ``grown_from_views`` (int, the K it had); readers ignore it, and a file
-without it was dumped in one go. ``recipe`` (JSON object of
+without it was dumped in one go. A compact cache records ``compact`` = true
+(format version 2, see Versions). ``recipe`` (JSON object of
 :class:`kdcache.config.Recipe`'s fields; version 2) records a recipe beyond
 the crop and flip; a file without it (or with '') has the default recipe.
 ``library_versions`` names the versions of kdcache, torch, torchvision, timm,
@@ -131,10 +133,41 @@ version it does not know with one line that says which versions it reads.
 * **Version 2**: version 1 plus what an older reader would misread if it
   ignored it (each such addition is listed here, with the attribute that
   marks it). A file that uses none of them is written as version 1.
-  Additions: the ``recipe`` attribute and the recipe parameter datasets
-  above (a non-empty ``recipe`` marks them). An older reader would replay
-  such a cache's crops without the ops, erasing and mixing, and pair the
-  teacher's targets of mixed images with unmixed pixels.
+
+  - **Compact records** (``dump-teacher --compact``), marked by the root
+    attribute ``compact`` (bool; absent reads as false). A compact cache
+    has no ``crops`` and no ``flips`` datasets: the crop of a record is
+    derived on read from ``(seed, sample id, view)`` and the image's height
+    and width, exactly as a dump samples it
+    (:func:`kdcache.augment.sample_crops`). Instead it holds a *witness* of
+    W = min(64, N) records, drawn from the seed (see
+    :mod:`kdcache.cache.witness`), that every open re-derives and compares
+    bit for bit, so a kdcache whose crop sampling differs refuses the file:
+
+    =================  ======  =======  ==============================
+    ``witness_ids``    (W,)    int64    sample id of each record
+    ``witness_views``  (W,)    int32    its view, in [0, K)
+    ``witness_sizes``  (W,2)   int32    image height, width (pixels)
+    ``witness_crops``  (W,4)   float32  its box, as ``crops`` above
+    ``witness_flips``  (W,)    uint8    its flip, as ``flips`` above
+    =================  ======  =======  ==============================
+
+    A compact ``topk:k`` store keeps ``tail_logsumexp_gap`` (N,K) float16
+    instead of ``logsumexp``: the log-sum-exp of the C - k classes not kept,
+    minus the record's largest stored top-k value (``topk_values[..., 0]``,
+    as stored; at least -60000, for a tail of no mass). The reader gives each
+    of those classes the logit ``topk_values[..., 0] + tail_logsumexp_gap -
+    ln(C - k)``: the same flat tail as above, its mass taken from the stored
+    number instead of 1 minus the kept mass (see :class:`~kdcache.cache.stores.TopK`
+    for why). The gap is at most ln(C - k), and float16 keeps it to within
+    2^-11 of its size. Other stores are unchanged. A v1 reader would find no
+    ``crops`` and refuse the file, hence version 2.
+  - **Recipe parameters** (``--mixup``, ``--cutmix``, ``--aa``,
+    ``--color-jitter``, ``--reprob``), marked by a non-empty ``recipe``
+    attribute: the parameter datasets above. An older reader would replay
+    the crops without the ops, erasing and mixing, and pair the teacher's
+    targets of mixed views with unmixed pixels. (Not combined with
+    ``compact`` yet: a dump refuses both.)
 
 A change that an older reader cannot read (a new required dataset or
 attribute, another meaning of an existing one) must be a new version: it is
@@ -162,7 +195,6 @@ different batch composition (see :mod:`kdcache.parts`).
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any, Callable, Mapping
@@ -171,13 +203,13 @@ import h5py
 import numpy as np
 
 from ..errors import CacheError
-from .layout import BOX_SLACK, check_datasets, layout, record_bytes, record_faults, record_layout
-from .stores import store_codec
+from .attr_types import boolean, finite, integer, names_json, number, numbers, text
+from .layout import BOX_SLACK, check_datasets, info_codec, layout, record_bytes, record_faults, record_layout
 
 # The layout of a cache of a CacheInfo (its datasets, their shapes and dtypes, the checks of stored records)
 # lives in kdcache.cache.layout and is re-exported here, where the schema is written down.
 __all__ = ["BOX_SLACK", "FORMAT_VERSION", "READ_VERSIONS", "CacheInfo", "check_datasets", "file_version",
-           "info_attrs", "info_from_attrs", "layout", "library_versions", "plain_attr", "record_bytes",
+           "info_attrs", "info_codec", "info_from_attrs", "layout", "library_versions", "plain_attr", "record_bytes",
            "record_faults", "record_layout", "settings_mismatch"]
 
 FORMAT_VERSION = 2  # the newest version written; see 'Versions' above
@@ -212,6 +244,8 @@ class CacheInfo:
     class_names: tuple[str, ...]
     # Optional attributes: a file without one reads as the default, so adding one keeps format version 1.
     content_hash: str = "head-tail-64k"  # the scheme of content_hashes and the fingerprint (see kdcache.data)
+    # Format version 2: crops derived on read, not stored, and top-k's log-sum-exp in float16 (see Versions).
+    compact: bool = False
     recipe: str = ""  # Recipe.to_json(): '' is crop and flip only; anything else makes the file version 2
 
     def settings(self) -> dict:
@@ -224,101 +258,50 @@ class CacheInfo:
 # The attributes codec: each CacheInfo field's decoder (HDF5 value -> Python, TypeError when of another type)
 # and its range, so a damaged or hostile file fails on open with one line instead of deep inside a run.
 
-def _integer(v: Any) -> int:
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
-        raise TypeError("an integer")
-    return int(v)
-
-
-def _boolean(v: Any) -> bool:
-    if not isinstance(v, (bool, np.bool_)):
-        raise TypeError("a boolean")
-    return bool(v)
-
-
-def _number(v: Any) -> float:
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
-        raise TypeError("a number")
-    return float(v)
-
-
-def _text(v: Any) -> str:
-    if isinstance(v, bytes):
-        try:
-            return v.decode()
-        except UnicodeDecodeError:
-            raise TypeError("UTF-8 text") from None
-    if not isinstance(v, str):
-        raise TypeError("text")
-    return v
-
-
-def _numbers(n: int) -> Callable[[Any], tuple[float, ...]]:
-    def decode(v: Any) -> tuple[float, ...]:
-        a = np.asarray(v) if isinstance(v, (list, tuple, np.ndarray)) else None
-        if a is None or a.shape != (n,) or a.dtype.kind not in "iuf":
-            raise TypeError(f"{n} numbers")
-        return tuple(float(x) for x in a)
-    return decode
-
-
-def _names(v: Any) -> tuple[str, ...]:
-    try:
-        names = json.loads(_text(v))
-    except (TypeError, ValueError):
-        names = None
-    if not isinstance(names, list) or not all(isinstance(x, str) for x in names):
-        raise TypeError("a JSON list of class names")
-    return tuple(names)
-
-
-def _finite(*xs: float) -> bool:
-    return all(math.isfinite(x) for x in xs)
-
-
 _ANY = (lambda v: True, "")
 _ATTRS: dict[str, tuple[Callable[[Any], Any], Callable[[Any], bool], str]] = {
-    "num_samples": (_integer, lambda v: v >= 0, ">= 0"),
-    "num_views": (_integer, lambda v: v >= 1, ">= 1"),
-    "num_classes": (_integer, lambda v: v >= 1, ">= 1"),
-    "seed": (_integer, lambda v: 0 <= v < 2**64, "in [0, 2^64)"),
-    "store": (_text, *_ANY),  # checked with num_classes, by its codec
-    "teacher": (_text, lambda v: v != "", "not empty"),
-    "teacher_checkpoint": (_text, *_ANY),
-    "teacher_checkpoint_sha256": (_text, lambda v: re.fullmatch(r"([0-9a-f]{64})?", v) is not None,
+    "num_samples": (integer, lambda v: v >= 0, ">= 0"),
+    "num_views": (integer, lambda v: v >= 1, ">= 1"),
+    "num_classes": (integer, lambda v: v >= 1, ">= 1"),
+    "seed": (integer, lambda v: 0 <= v < 2**64, "in [0, 2^64)"),
+    "store": (text, *_ANY),  # checked with num_classes, by its codec
+    "teacher": (text, lambda v: v != "", "not empty"),
+    "teacher_checkpoint": (text, *_ANY),
+    "teacher_checkpoint_sha256": (text, lambda v: re.fullmatch(r"([0-9a-f]{64})?", v) is not None,
                                   "'' or 64 hex digits"),
-    "teacher_pretrained": (_boolean, *_ANY),
-    "input_size": (_integer, lambda v: v >= 1, ">= 1"),
-    "mean": (_numbers(3), lambda v: _finite(*v), "finite"),
-    "std": (_numbers(3), lambda v: _finite(*v) and min(v) > 0, "finite and > 0"),
-    "interpolation": (_text, lambda v: v in ("bilinear", "bicubic", "nearest"), "bilinear, bicubic or nearest"),
-    "crop_pct": (_number, lambda v: _finite(v) and v > 0, "finite and > 0"),
-    "crop_scale": (_numbers(2), lambda v: 0 < v[0] <= v[1] <= 1, "0 < min <= max <= 1"),
-    "crop_ratio": (_numbers(2), lambda v: _finite(*v) and 0 < v[0] <= v[1], "finite, 0 < min <= max"),
-    "hflip": (_number, lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "dataset_name": (_text, *_ANY),
-    "dataset_split": (_text, *_ANY),
-    "dataset_fingerprint": (_text, *_ANY),
-    "class_names": (_names, *_ANY),  # checked against num_classes below
-    "content_hash": (_text, lambda v: v != "", "not empty"),
-    "recipe": (_text, lambda v: _is_recipe(v), "'' or a JSON recipe of kdcache.config.Recipe"),
+    "teacher_pretrained": (boolean, *_ANY),
+    "input_size": (integer, lambda v: v >= 1, ">= 1"),
+    "mean": (numbers(3), lambda v: finite(*v), "finite"),
+    "std": (numbers(3), lambda v: finite(*v) and min(v) > 0, "finite and > 0"),
+    "interpolation": (text, lambda v: v in ("bilinear", "bicubic", "nearest"), "bilinear, bicubic or nearest"),
+    "crop_pct": (number, lambda v: finite(v) and v > 0, "finite and > 0"),
+    "crop_scale": (numbers(2), lambda v: 0 < v[0] <= v[1] <= 1, "0 < min <= max <= 1"),
+    "crop_ratio": (numbers(2), lambda v: finite(*v) and 0 < v[0] <= v[1], "finite, 0 < min <= max"),
+    "hflip": (number, lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "dataset_name": (text, *_ANY),
+    "dataset_split": (text, *_ANY),
+    "dataset_fingerprint": (text, *_ANY),
+    "class_names": (names_json, *_ANY),  # checked against num_classes below
+    "content_hash": (text, lambda v: v != "", "not empty"),
+    "compact": (boolean, *_ANY),
+    "recipe": (text, lambda v: _is_recipe(v), "'' or a JSON recipe of kdcache.config.Recipe"),
 }
-
-
-def _is_recipe(text: str) -> bool:
-    from ..config import Recipe
-    from ..errors import ConfigError
-
-    try:
-        Recipe.from_json(text)
-    except ConfigError:
-        return False
-    return True
 
 
 def file_version(info: CacheInfo) -> int:
     """The lowest format version that describes a cache of `info` (1 unless it uses a version-2 addition)."""
-    return 2 if info.recipe else 1
+    return 2 if info.compact or info.recipe else 1
+
+
+def _is_recipe(value: str) -> bool:
+    from ..config import Recipe
+    from ..errors import ConfigError
+
+    try:
+        Recipe.from_json(value)
+    except ConfigError:
+        return False
+    return True
 
 
 def attr_error(name: str, value: Any, expected: str) -> str:
@@ -353,7 +336,7 @@ def info_from_attrs(attrs: Mapping[str, Any]) -> CacheInfo:
     if len(info.class_names) != info.num_classes:
         raise ValueError(f"attribute 'class_names' holds {len(info.class_names)} names for {info.num_classes} classes")
     try:
-        store_codec(info.store, info.num_classes)
+        info_codec(info)
     except CacheError as e:
         raise ValueError(f"attribute 'store': {e}") from None
     return info
@@ -363,7 +346,7 @@ def info_attrs(info: CacheInfo) -> dict[str, Any]:
     """The root attributes that record `info` (the inverse of :func:`info_from_attrs`)."""
     attrs = {key: json.dumps(list(value)) if key == "class_names" else value for key, value in asdict(info).items()}
     if not attrs["recipe"]:
-        del attrs["recipe"]  # the default recipe: a version-1 file, attribute for attribute
+        del attrs["recipe"]  # the default recipe: the file is written as before, attribute for attribute
     return attrs
 
 

@@ -19,6 +19,7 @@ from ..errors import CacheError
 from .hdf5 import worded
 from .params import ParamsCodec, params_codec
 from .stores import Layout, StoreCodec, store_codec
+from .witness import witness_layout
 
 if TYPE_CHECKING:
     from .format import CacheInfo
@@ -26,33 +27,34 @@ if TYPE_CHECKING:
 BOX_SLACK = 1e-6  # float32 fractions of integer pixel boxes may overshoot 1 by rounding
 
 
+def info_codec(info: CacheInfo) -> StoreCodec:
+    """The codec of the teacher targets of a cache of `info` (its store, and compact or not)."""
+    return store_codec(info.store, info.num_classes, compact=info.compact)
+
+
 # The layout: every dataset of a cache with its full shape and dtype.
 
-def record_layout(codec: StoreCodec, num_classes: int, params: ParamsCodec | None = None) -> Layout:
-    """Per-record shape and dtype of the per-view datasets: crop box, flip, recipe parameters, the store's targets."""
-    return {"crops": ((4,), np.dtype(np.float32)), "flips": ((), np.dtype(np.uint8)),
-            **(params.datasets() if params is not None else {}), **codec.datasets(num_classes)}
+def record_layout(info: CacheInfo) -> Layout:
+    """Per-record shape and dtype of the per-view datasets: crop and flip (unless compact), recipe, targets."""
+    crops = {} if info.compact else {"crops": ((4,), np.dtype(np.float32)), "flips": ((), np.dtype(np.uint8))}
+    return {**crops, **params_codec(info.recipe).datasets(), **info_codec(info).datasets(info.num_classes)}
 
 
 def layout(info: CacheInfo) -> Layout:
     """Every dataset of a cache of `info`, with its shape and dtype."""
     n, k = info.num_samples, info.num_views
-    per_view = {name: ((n, k) + shape, dtype) for name, (shape, dtype)
-                in record_layout(store_codec(info.store, info.num_classes), info.num_classes,
-                                 params_codec(info.recipe)).items()}
+    per_view = {name: ((n, k) + shape, dtype) for name, (shape, dtype) in record_layout(info).items()}
     return {"sample_ids": ((n,), np.dtype(np.int64)),
             "labels": ((n,), np.dtype(np.int64)),
             "content_hashes": ((n,), np.dtype(np.uint64)),
-            "crops": per_view.pop("crops"),
-            "flips": per_view.pop("flips"),
             "done": ((n,), np.dtype(np.uint8)),
-            **per_view}
+            **per_view,
+            **(witness_layout(n) if info.compact else {})}
 
 
 def record_bytes(info: CacheInfo) -> float:
-    """Bytes stored per (image, view): targets, crop box and flip."""
-    per_view = record_layout(store_codec(info.store, info.num_classes), info.num_classes, params_codec(info.recipe))
-    return sum(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize for shape, dtype in per_view.values())
+    """Bytes stored per (image, view): the targets, and the crop box and flip unless the cache is compact."""
+    return sum(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize for shape, dtype in record_layout(info).values())
 
 
 def record_faults(arrays: Mapping[str, np.ndarray], codec: StoreCodec, num_classes: int,

@@ -5,18 +5,21 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import h5py
 import numpy as np
 
+from .. import __version__
+from ..augment import sample_crops
+from ..config import CropRanges
 from ..errors import CacheError
 from ..report import Progress
-from .format import FORMAT_VERSION, READ_VERSIONS, CacheInfo, attr_error, check_datasets, info_from_attrs, plain_attr, record_bytes, \
-    record_faults
+from .format import FORMAT_VERSION, READ_VERSIONS, CacheInfo, attr_error, check_datasets, info_codec, info_from_attrs, \
+    plain_attr, record_bytes, record_faults, record_layout
 from .hdf5 import DAMAGED, DamagedChunk, FileIdentity, open_h5, read_rows, worded
 from .params import params_codec
-from .stores import store_codec
+from .witness import witness_layout, witness_mismatch
 
 # A cache smaller than this is read into memory by default; reads then cost nothing.
 PRELOAD_LIMIT_BYTES = 2 * 1024**3
@@ -52,6 +55,11 @@ class CacheReader:
     or modified since) is refused then. Every batch read checks its records'
     values (finite logits, boxes inside the image, ...), and HDF5 checks each
     chunk's checksum in files that have them.
+
+    A compact cache (format version 2) stores no crops: :meth:`read` derives
+    them from ``(seed, sample id, view)`` and the image sizes it is given, and
+    the constructor re-derives the file's witness records and refuses the
+    file when this kdcache would derive other crops than the dump did.
     """
 
     def __init__(self, path: str | Path, preload: bool | None = None) -> None:
@@ -67,16 +75,27 @@ class CacheReader:
             self.sample_ids = read_rows(self._dataset(h5, "sample_ids"), self.path, slice(None))
             self.labels = read_rows(self._dataset(h5, "labels"), self.path, slice(None))
             self.content_hashes = read_rows(self._dataset(h5, "content_hashes"), self.path, slice(None))
+            # A compact cache's witness: a few crops as the dump derived them (empty when crops are stored).
+            self.witness = {name: read_rows(self._dataset(h5, name), self.path, slice(None))
+                            for name in (witness_layout(self.info.num_samples) if self.info.compact else {})}
             with worded(self.path, "the root attributes"):
                 self.attrs = {k: plain_attr(v) for k, v in h5.attrs.items()}
         finally:
             h5.close()
-        self.codec = store_codec(self.info.store, self.info.num_classes)
+        self.codec = info_codec(self.info)
         self.target_names = tuple(self.codec.datasets(self.info.num_classes))
-        self.params = params_codec(self.info.recipe)
+        # The per-view datasets: crops and flips (unless compact), then the targets.
+        self.record_names = tuple(record_layout(self.info))
+        self.params = params_codec(self.info.recipe)  # the recipe's per-view parameters, part of record_names
         self.recipe = self.params.recipe
-        # Every per-view dataset: crop, flip, the recipe's parameters and the store's targets.
-        self.view_names = ("crops", "flips") + self.params.names + self.target_names
+        self.ranges = CropRanges(scale=self.info.crop_scale, ratio=self.info.crop_ratio, hflip=self.info.hflip)
+        differ = witness_mismatch(self.info, self.witness) if self.info.compact else ""
+        if differ:
+            written = self.attrs.get("kdcache_version", "an unknown version")
+            hint = f"read it with kdcache {written}, which wrote it, or dump it again" if written != __version__ else \
+                f"kdcache {written} wrote it, so its witness is damaged; dump it again"
+            raise CacheError(f"{self.path}: this kdcache derives other crops than the dump of this compact cache did "
+                             f"({differ}); {hint}")
         outside = np.flatnonzero((self.labels < 0) | (self.labels >= self.info.num_classes))
         if len(outside):
             raise CacheError(f"{self.path}: dataset 'labels' holds class {int(self.labels[outside[0]])} at row "
@@ -142,8 +161,13 @@ class CacheReader:
         with worded(self.path, f"dataset '{name}'"):
             return h5[name]
 
+    @property
+    def stores_crops(self) -> bool:
+        """False for a compact cache: its crops are derived from (seed, sample id, view) and the image size."""
+        return not self.info.compact
+
     def _arrays(self) -> dict[str, h5py.Dataset | np.ndarray]:
-        names = self.view_names
+        names = self.record_names
         h5 = self._file() if self._memory is None else None
         if not self.preload:
             if set(names) - self._handles.keys():  # opened once per process: h5py's lookup costs more than a read's checks
@@ -155,7 +179,7 @@ class CacheReader:
             rows = max(1, SCAN_BLOCK_BYTES // max(1, int(record_bytes(self.info)) * self.info.num_views))
             for lo in range(0, self.info.num_samples, rows):
                 block = {name: a[lo:lo + rows] for name, a in memory.items()}
-                self._refuse_faults(block, np.arange(lo, lo + len(block["crops"])))
+                self._refuse_faults(block, np.arange(lo, lo + len(block[names[0]])))
             self._memory = memory
         return self._memory
 
@@ -178,20 +202,39 @@ class CacheReader:
         if examples:
             raise CacheError(f"{self.path}: {examples[0]}; {DAMAGED}")
 
-    def read(self, rows: np.ndarray, view: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def read(self, rows: np.ndarray, view: int,
+             sizes: Sequence[tuple[int, int]] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Crops (B,4), flips (B,) and full float32 logits (B,C) of view `view` for `rows` (see :meth:`read_records`)."""
-        records = self.read_records(rows, view)
+        records = self.read_records(rows, view, sizes)
         return records["crops"], records["flips"], records["teacher_logits"]
 
-    def read_records(self, rows: np.ndarray, view: int) -> dict[str, np.ndarray]:
-        """The records of view `view` for `rows`: crops (B,4), flips (B,) bool, the recipe's parameters
-        (B, ...) as stored, and ``teacher_logits``, full float32 (B,C).
+    def read_records(self, rows: np.ndarray, view: int,
+                     sizes: Sequence[tuple[int, int]] | None = None) -> dict[str, np.ndarray]:
+        """The records of view `view` for `rows`: ``crops`` (B,4), ``flips`` (B,) bool, the recipe's
+        parameters (B, ...) as stored, and ``teacher_logits``, full float32 (B,C).
 
         Rows are read in sorted order (as HDF5 requires) and returned in the
         order asked. An invalid record (non-finite logits, a box outside the
         image, ...) or a chunk that fails its checksum is a CacheError naming it.
+        A compact cache derives the crops from `sizes`, the (height, width) of
+        each row's image, which it then needs (a cache that stores crops ignores them).
         """
         rows = np.asarray(rows, dtype=np.int64)
+        records = self._read_records(rows, view)
+        if not self.stores_crops:
+            if sizes is None or len(sizes) != len(rows):
+                raise ValueError(f"{self.path} is a compact cache: read() needs the (height, width) of each row's "
+                                 "image to derive its crops")
+            boxes, flips = sample_crops(self.info.seed, self.sample_ids[rows], list(sizes), view, self.ranges)
+            records.update(crops=boxes, flips=flips)
+        return records
+
+    def read_logits(self, rows: np.ndarray, view: int) -> np.ndarray:
+        """Full float32 logits (B,C) of view `view` for `rows` (in the order asked), without their crops."""
+        return self._read_records(np.asarray(rows, dtype=np.int64), view)["teacher_logits"]
+
+    def _read_records(self, rows: np.ndarray, view: int) -> dict[str, np.ndarray]:
+        """The stored records of `rows` (no crops and flips in a compact cache), with the decoded logits."""
         order = np.argsort(rows, kind="stable")
         unique, inverse = np.unique(rows[order], return_inverse=True)
         arrays = self._arrays()
@@ -204,8 +247,10 @@ class CacheReader:
         undo[order] = np.arange(len(order))
         picked = {name: value[inverse][undo] for name, value in picked.items()}
         logits = self.codec.decode({k: picked[k] for k in self.target_names}, self.info.num_classes)
-        records = {name: picked[name] for name in ("crops",) + self.params.names}
-        return {**records, "flips": picked["flips"].astype(bool), "teacher_logits": logits}
+        records = {name: picked[name] for name in self.params.names}
+        if self.stores_crops:
+            records.update(crops=picked["crops"], flips=picked["flips"].astype(bool))
+        return {**records, "teacher_logits": logits}
 
     def stored(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows ``[start, stop)`` of dataset `name` exactly as stored (to copy a cache bit for bit)."""
@@ -213,7 +258,7 @@ class CacheReader:
 
     def read_all_logits(self, view: int) -> np.ndarray:
         """Full float32 logits (N,C) of one view (for inspection and verification)."""
-        return self.read(np.arange(self.info.num_samples), view)[2]
+        return self.read_logits(np.arange(self.info.num_samples), view)
 
     def scan(self, visit: Callable[[int, dict[str, np.ndarray], np.ndarray], None] | None = None,
              progress: Progress | None = None) -> RecordScan:
@@ -225,7 +270,7 @@ class CacheReader:
         its valid records.
         """
         progress = progress or Progress()
-        names = self.view_names
+        names = self.record_names
         h5 = self._file()
         step = min((chunks[0] for chunks in (self._dataset(h5, name).chunks for name in names) if chunks), default=1)
         per_row = max(1, int(record_bytes(self.info)) * self.info.num_views)

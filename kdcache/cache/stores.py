@@ -92,12 +92,24 @@ class TopK(StoreCodec):
     Decoding gives every other class the logit that spreads the remaining
     probability mass (at T=1) evenly over them, so the kept classes keep their
     probabilities and the tail is flat.
+
+    With `compact` (the records of a ``--compact`` cache) the float32
+    log-sum-exp of all C logits becomes a float16 ``tail_logsumexp_gap``: the
+    log-sum-exp of the C - k classes *not* kept, minus the largest kept logit
+    as stored. Decoding gives each of those classes that log-sum-exp minus
+    ln(C - k), so the tail's mass comes straight from the stored number. The
+    full log-sum-exp instead gives the tail mass as 1 - (the kept mass), a
+    difference of nearly equal numbers when the teacher is confident, in which
+    the float16 rounding of the kept logits swamps a small tail; on real
+    CIFAR-10 logits the tail form halves the mean KL at T=4 of topk:5 (see
+    benchmarks/results/storage.md). The gap is at most ln(C - k) and float16
+    keeps it to 2^-11 relative: the tail's mass to 0.05 % per nat of gap.
     """
 
     tolerance = 2e-2  # the kept logits are float16, and a dump may run under AMP
 
-    def __init__(self, k: int) -> None:
-        self.store, self.classes_kept = f"topk:{k}", k
+    def __init__(self, k: int, compact: bool = False) -> None:
+        self.store, self.classes_kept, self.compact = f"topk:{k}", k, compact
 
     @staticmethod
     def _index_dtype(num_classes: int) -> np.dtype:
@@ -105,28 +117,53 @@ class TopK(StoreCodec):
 
     def datasets(self, num_classes: int) -> Layout:
         k = self.classes_kept
+        lse = {"tail_logsumexp_gap": ((), np.dtype(np.float16))} if self.compact else \
+            {"logsumexp": ((), np.dtype(np.float32))}
         return {"topk_values": ((k,), np.dtype(np.float16)),
-                "topk_indices": ((k,), self._index_dtype(num_classes)),
-                "logsumexp": ((), np.dtype(np.float32))}
+                "topk_indices": ((k,), self._index_dtype(num_classes)), **lse}
 
     def encode(self, logits: np.ndarray) -> dict[str, np.ndarray]:
         order = np.argsort(-logits, axis=-1, kind="stable")[..., :self.classes_kept]
-        values = np.take_along_axis(logits, order, axis=-1)
+        values = self._cast(np.take_along_axis(logits, order, axis=-1), np.dtype(np.float16))
+        out = {"topk_values": values, "topk_indices": order.astype(self._index_dtype(logits.shape[-1]))}
         peak = logits.max(axis=-1, keepdims=True)
-        lse = (peak + np.log(np.exp(logits - peak).sum(axis=-1, keepdims=True)))[..., 0]
-        return {"topk_values": self._cast(values, np.dtype(np.float16)),
-                "topk_indices": order.astype(self._index_dtype(logits.shape[-1])),
-                "logsumexp": lse.astype(np.float32)}
+        if not self.compact:
+            out["logsumexp"] = (peak + np.log(np.exp(logits - peak).sum(axis=-1, keepdims=True)))[..., 0].astype(
+                np.float32)
+            return out
+        tail = np.exp(logits.astype(np.float64) - peak)
+        np.put_along_axis(tail, order, 0.0, axis=-1)
+        with np.errstate(divide="ignore"):  # no tail (k = C) or one that underflows: log 0
+            tail_lse = peak[..., 0] + np.log(tail.sum(axis=-1))
+        # From the stored (rounded) largest logit, so decoding adds only the gap's own rounding; an empty or
+        # vanishing tail is clipped to float16's range (its mass is 0 either way).
+        gap = np.clip(tail_lse - values[..., 0], -60000.0, None)
+        out["tail_logsumexp_gap"] = gap.astype(np.float16)
+        return out
+
+    def logsumexp(self, arrays: dict[str, np.ndarray], num_classes: int) -> np.ndarray:
+        """The float32 log-sum-exp over all classes of each record's decoded logits."""
+        if not self.compact:
+            return arrays["logsumexp"].astype(np.float32)
+        logits = self.decode(arrays, num_classes).astype(np.float64)
+        peak = logits.max(axis=-1, keepdims=True)
+        return (peak + np.log(np.exp(logits - peak).sum(axis=-1, keepdims=True)))[..., 0].astype(np.float32)
 
     def decode(self, arrays: dict[str, np.ndarray], num_classes: int) -> np.ndarray:
         values = arrays["topk_values"].astype(np.float32)
         index = arrays["topk_indices"].astype(np.int64)
-        lse = arrays["logsumexp"].astype(np.float32)[..., None]
         top = values.shape[-1]
         if top >= num_classes:
             out = np.empty(values.shape[:-1] + (num_classes,), dtype=np.float32)
             np.put_along_axis(out, index, values, axis=-1)
             return out
+        if self.compact:
+            tail = values[..., :1] + arrays["tail_logsumexp_gap"].astype(np.float32)[..., None] - np.float32(
+                np.log(num_classes - top))
+            out = np.broadcast_to(tail, values.shape[:-1] + (num_classes,)).copy()
+            np.put_along_axis(out, index, values, axis=-1)
+            return out
+        lse = arrays["logsumexp"].astype(np.float32)[..., None]
         kept = np.exp(values - lse).sum(axis=-1, keepdims=True)
         rest = np.clip(1.0 - kept, 1e-12, None) / (num_classes - top)
         out = np.broadcast_to(lse + np.log(rest), values.shape[:-1] + (num_classes,)).copy()
@@ -139,23 +176,29 @@ class TopK(StoreCodec):
 
     def faults(self, arrays: dict[str, np.ndarray], num_classes: int) -> list[tuple[str, np.ndarray]]:
         values, index = arrays["topk_values"], arrays["topk_indices"]
+        lse = arrays["tail_logsumexp_gap" if self.compact else "logsumexp"]
         ordered = np.sort(index, axis=-1)
-        return [("the top-k logits hold NaN or Inf",
-                 ~np.isfinite(values).all(axis=-1) | ~np.isfinite(arrays["logsumexp"])),
+        return [("the top-k logits hold NaN or Inf", ~np.isfinite(values).all(axis=-1) | ~np.isfinite(lse)),
                 (f"a top-k class index is outside [0, {num_classes})",
                  ((index < 0) | (index >= num_classes)).any(axis=-1)),
                 ("a top-k class index repeats", (ordered[..., 1:] == ordered[..., :-1]).any(axis=-1))]
 
+    def __repr__(self) -> str:
+        return f"store_codec({self.store!r}, compact={self.compact})" if self.compact else super().__repr__()
 
-def store_codec(store: str, num_classes: int | None = None) -> StoreCodec:
-    """The codec of a ``--store`` value (fp16, fp32 or topk:K); with `num_classes`, also check that K fits."""
+
+def store_codec(store: str, num_classes: int | None = None, compact: bool = False) -> StoreCodec:
+    """The codec of a ``--store`` value (fp16, fp32 or topk:K); with `num_classes`, also check that K fits.
+
+    `compact`: the codec of a ``--compact`` cache (top-k keeps its log-sum-exp in float16; the others are unchanged).
+    """
     codec: StoreCodec | None = None
     if store == "fp32":
         codec = FullLogits("fp32", np.float32, 1e-3)  # a different batch composition or BLAS: float32 rounding
     elif store == "fp16":
         codec = FullLogits("fp16", np.float16, 2e-2)  # half precision (2^-11 relative) and a dump under AMP
     elif isinstance(store, str) and store.startswith("topk:") and store[5:].isdigit() and int(store[5:]) >= 1:
-        codec = TopK(int(store[5:]))
+        codec = TopK(int(store[5:]), compact)
     if codec is None:
         raise CacheError(f"--store must be fp16, fp32 or topk:K with K >= 1, got '{store}'")
     if num_classes is not None and codec.classes_kept is not None and codec.classes_kept > num_classes:

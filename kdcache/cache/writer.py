@@ -19,12 +19,12 @@ import numpy as np
 
 from ..errors import CacheError
 from ..report import Progress
-from .format import CHUNK_BYTES, CacheInfo, check_datasets, file_version, info_attrs, info_from_attrs, layout, \
-    library_versions, plain_attr, record_bytes, record_faults, settings_mismatch
+from .format import CHUNK_BYTES, CacheInfo, check_datasets, file_version, info_attrs, info_codec, info_from_attrs, \
+    layout, library_versions, plain_attr, record_bytes, record_faults, settings_mismatch
 from .hdf5 import CHECKSUM_FAILED, H5_ERRORS, detail, worded
 from .reader import CacheReader
 from .params import params_codec
-from .stores import store_codec
+from .witness import witness_mismatch
 
 _FLETCHER32_SKIPPED = 1  # a chunk's filter mask with the pipeline's first (and only) filter, fletcher32, not applied
 _COPY_BLOCK_BYTES = 64 * 1024**2  # rows a growth copies per pass: bounded memory for a cache of any size
@@ -95,20 +95,26 @@ class CacheWriter:
     views K and up only. The partial records ``grown_from_views`` = K, so a
     growth killed at any instant resumes, and `grow_from`'s own file (which
     may be OUT itself) is replaced only by the complete grown cache.
+    A compact cache (no crops or flips) needs its `witness` (see :mod:`~kdcache.cache.witness`).
     """
 
     def __init__(self, path: str | Path, info: CacheInfo, sample_ids: np.ndarray, labels: np.ndarray,
                  content_hashes: np.ndarray, force: bool = False, extra_attrs: dict | None = None,
-                 grow_from: CacheReader | None = None, progress: Progress | None = None) -> None:
+                 grow_from: CacheReader | None = None, progress: Progress | None = None,
+                 witness: dict[str, np.ndarray] | None = None) -> None:
         self.path = Path(path)
         self.partial = self.path.with_name(self.path.name + ".partial")
         self.info = info
-        self.codec = store_codec(info.store, info.num_classes)
+        self.codec = info_codec(info)
         self.params = params_codec(info.recipe)
         try:
             info_from_attrs(info_attrs(info))
         except ValueError as e:
             raise CacheError(f"cannot create {self.partial}: {e}") from None
+        self.witness = dict(witness or {}) if info.compact else {}
+        differ = witness_mismatch(info, self.witness) if info.compact else ""
+        if differ:
+            raise CacheError(f"cannot create {self.partial}: the crop witness of a compact cache is wrong ({differ})")
         for name, values in (("sample ids", sample_ids), ("labels", labels), ("content hashes", content_hashes)):
             if len(values) != info.num_samples:
                 raise CacheError(f"cannot create {self.partial}: {len(values)} {name} for {info.num_samples} samples")
@@ -178,6 +184,8 @@ class CacheWriter:
             h5["sample_ids"][:] = sample_ids
             h5["labels"][:] = labels
             h5["content_hashes"][:] = content_hashes
+            for name, value in self.witness.items():
+                h5[name][:] = value
             h5["done"][:] = 0
             h5.flush()
             # Reserve the disk space of the whole cache now: a full disk then fails here, at the
@@ -206,7 +214,7 @@ class CacheWriter:
     def _copy_first_views(self, h5: h5py.File) -> None:
         """Copy every stored record of `grow_from` into views ``[0, K)``, bit for bit, checked as a reader would."""
         source, k, n = self.grow_from, self.first_view, self.info.num_samples
-        names = source.view_names
+        names = source.record_names
         datasets = {name: h5[name] for name in names}  # kept open until flushed: see __init__
         rows = max(1, _COPY_BLOCK_BYTES // max(1, int(record_bytes(self.info)) * self.info.num_views))
         self.progress.start(f"copy the {k} views of {source.path.name}", n)
@@ -313,18 +321,10 @@ class CacheWriter:
 
     def write(self, rows: np.ndarray, crops: np.ndarray, flips: np.ndarray, logits: np.ndarray,
               params: dict[str, np.ndarray] | None = None) -> None:
-        """Store the views of `rows` (increasing) that this writer fills, then mark the rows done and flush.
-
-        Those are all K views, or in a growth the views from :attr:`first_view` on. `params` holds the
-        recipe's parameter arrays (rows, views, ...), one per dataset of the cache's recipe.
-        """
-        params = params or {}
-        missing = set(self.params.names) - set(params)
-        if missing:
-            raise CacheError(f"cannot write {self.partial}: the recipe parameter {sorted(missing)[0]} is missing")
-        stored = {name: np.asarray(params[name]).astype(self.layout[name][1]) for name in self.params.names}
-        self.write_stored(rows, {"crops": crops.astype(np.float32), "flips": flips.astype(np.uint8), **stored,
-                                 **self.codec.encode(logits)})
+        """Store `rows`' views (from :attr:`first_view`): crops unless compact, the recipe's `params`, logits."""
+        stored = {} if self.info.compact else {"crops": crops.astype(np.float32), "flips": flips.astype(np.uint8)}
+        stored.update({name: np.asarray(params[name]).astype(self.layout[name][1]) for name in self.params.names})
+        self.write_stored(rows, {**stored, **self.codec.encode(logits)})
 
     def write_stored(self, rows: np.ndarray, arrays: dict[str, np.ndarray]) -> None:
         """Store `rows` (increasing) from arrays already in the stored form (crops, flips, targets); mark them done.
