@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from kdcache.augment import Preprocess
-from kdcache.config import CropRanges, DumpConfig, OptimOptions, RunOptions, TrainConfig, default_workers
+from kdcache.config import CropRanges, DumpConfig, OptimOptions, Recipe, RunOptions, TrainConfig, default_workers
 from kdcache.data import open_dataset
 from kdcache.devices import resolve_device
 from kdcache.loaders import DumpViews, dump_loader
@@ -151,7 +151,12 @@ def main() -> None:
     parser.add_argument("--dump-only", action="store_true",
                         help="measure only the dump against bare inference; print JSON, write no result files")
     parser.add_argument("--out", default="benchmarks/results/throughput")
+    parser.add_argument("--recipe", default="",
+                        help="a recipe as JSON of kdcache.config.Recipe's fields, e.g. "
+                             "'{\"mixup\": 0.8, \"cutmix\": 1.0, \"aa\": \"rand-m9-mstd0.5-inc1\", \"reprob\": 0.25}': "
+                             "every mode (dump, plain, cached, online) runs with it; give another --out")
     args = parser.parse_args()
+    recipe = Recipe.from_json(args.recipe)
 
     device = resolve_device(args.device)
     train = open_dataset(args.data, "train")
@@ -172,7 +177,8 @@ def main() -> None:
     # The dump (timed; its cache is the one the students read), then bare inference on the same crops.
     log("dump ...")
     cache = str(tmp / "cache.h5")
-    dumped = dump(DumpConfig(teacher=args.teacher, checkpoint=checkpoint, crops=crops, force=True, out=cache,
+    dumped = dump(DumpConfig(teacher=args.teacher, checkpoint=checkpoint, crops=crops, recipe=recipe, force=True,
+                             out=cache,
                              views=args.views, run=RunOptions(**{**run.__dict__, "batch_size": args.dump_batch_size})))
     bare = bare_inference_rate(args.teacher, checkpoint, args.data, args.img_size, args.views, args.dump_batch_size, 0, crops,
                                batches=16, repeats=args.repeats, device=device)
@@ -185,7 +191,7 @@ def main() -> None:
 
     def config(student: str, **mode) -> TrainConfig:
         return TrainConfig(model=student, out=str(tmp / "unused"), run=run, optim=optim, epochs=args.epochs,
-                           crops=crops, **mode)
+                           crops=crops, recipe=recipe, **mode)
 
     modes = {"plain": {}, "cached": {"cached": cache},
              "online": {"online_teacher": args.teacher, "teacher_checkpoint": checkpoint}}

@@ -5,12 +5,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .augment import apply_crop, sample_crop, view_rng
+from .augment import view_rng
 from .cache import CacheInfo, CacheReader, record_bytes, store_codec
 from .data import open_dataset
 from .errors import CacheError
 from .report import Progress
-from .targets import check_cache_fits, preprocess_of_cache, ranges_of_cache
+from .recipe import sample_view
+from .targets import CachedViews, check_cache_fits, preprocess_of_cache, ranges_of_cache
 from .devices import resolve_device
 
 STATS_ROWS = 50_000  # per-view statistics use at most this many rows (a fixed sample)
@@ -75,8 +76,15 @@ def inspect_cache(path: str, progress: Progress | None = None) -> dict:
     sampled = np.zeros(n, dtype=bool)
     sampled[rows] = True
     stats = _ViewStats(info.num_views)
+    shares = {"mixed": 0, "cutmix": 0, "erased": 0, "augmented": 0}  # views with each recipe step, of all records
 
     def visit(first_row: int, arrays: dict[str, np.ndarray], valid: np.ndarray) -> None:
+        for key, name, used in (("mixed", "mix_partners", lambda a: a >= 0),
+                                ("cutmix", "cutmix_boxes", lambda a: a[..., 2] > 0),
+                                ("erased", "erase_boxes", lambda a: a[..., 2] > 0),
+                                ("augmented", "ra_ops", lambda a: (a >= 0).any(axis=-1))):
+            if name in arrays:
+                shares[key] += int(used(arrays[name]).sum())
         picked = np.flatnonzero(sampled[first_row:first_row + len(valid)])
         row, view = np.nonzero(valid[picked])
         if len(row):
@@ -99,6 +107,9 @@ def inspect_cache(path: str, progress: Progress | None = None) -> dict:
         "num_classes": info.num_classes, "store": info.store, "seed": info.seed, "input_size": info.input_size,
         "mean": list(info.mean), "std": list(info.std), "interpolation": info.interpolation,
         "crop_scale": list(info.crop_scale), "crop_ratio": list(info.crop_ratio), "hflip": info.hflip,
+        "recipe": info.recipe or "crop and flip only",
+        **{f"{key}_views_pct": 100.0 * count / max(1, n * info.num_views) for key, count in shares.items()
+           if info.recipe},
         "file_bytes": reader.file_size, "bytes_per_record": record_bytes(info),
         "stats_rows": int(len(rows)),
         "teacher_top1_mean": _mean([v["top1"] for v in per_view]),
@@ -146,10 +157,14 @@ def verify_cache(path: str, data: str, teacher: str, checkpoint: str | None, sam
 
     Checks that no record is invalid (non-finite logits, a box outside the
     image, a damaged chunk, ...), and, for each sampled record, that the
-    stored crop is the one ``(seed, sample_id, view)`` gives and that the
-    stored logits match the teacher's on that crop (the classes the store
-    keeps exactly). Returns the figures and ``ok``.
+    stored view parameters (the crop and flip and, under a recipe, the ops,
+    jitter, erased box, partner, lambda and CutMix box) are the ones
+    ``(seed, sample_id, view)`` gives, bit for bit, and that the stored logits
+    match the teacher's on the view rebuilt from the stored parameters (a
+    mixed view with its partner's stored view) for the classes the store
+    keeps exactly. Returns the figures and ``ok``.
     """
+    from .loaders import render_views
     from .teacher import teacher_logits
 
     progress = progress or Progress()
@@ -162,6 +177,7 @@ def verify_cache(path: str, data: str, teacher: str, checkpoint: str | None, sam
     model = _load_verify_teacher(info, teacher, checkpoint, pretrained, dev, progress)
     prep = preprocess_of_cache(reader)
     ranges = ranges_of_cache(reader)
+    source = CachedViews(reader)
     tolerance = codec.tolerance if tolerance is None else tolerance
     total = info.num_samples * info.num_views
     rng = np.random.default_rng(seed)
@@ -175,17 +191,22 @@ def verify_cache(path: str, data: str, teacher: str, checkpoint: str | None, sam
         r, v = rows[start:start + 64], views[start:start + 64]
         crops, cached, where = [], [], []
         for row, view in zip(r, v):
+            rows_asked = np.array([row])
             image = train.load(int(row))
-            try:  # a compact cache derives the crop from the image's size (its witness was checked at open)
-                boxes, flips, logits = reader.read(np.array([row]), int(view), [tuple(image.shape[-2:])])
+            size = [(int(image.shape[-2]), int(image.shape[-1]))]
+            try:
+                fetched = source.fetch(rows_asked, train.ids[rows_asked], size, int(view))
+                crop, _ = render_views(train, source, prep, rows_asked, [image], [(int(view), fetched)])
             except CacheError:
-                continue  # an invalid record: the scan above counted it
-            expect_box, expect_flip = sample_crop(view_rng(info.seed, int(train.ids[row]), int(view)),
-                                                  int(image.shape[-2]), int(image.shape[-1]), ranges)
-            if not (np.array_equal(expect_box, boxes[0]) and expect_flip == bool(flips[0])):
+                continue  # an invalid record (or its partner's): the scan above counted it
+            expect = sample_view(view_rng(info.seed, int(train.ids[row]), int(view)), *size[0], ranges,
+                                 reader.recipe, info.num_samples, int(row), info.input_size)
+            stored = {"crops": fetched["boxes"][0], "flips": fetched["flips"][0],
+                      **{name: fetched[name][0] for name in expect if name not in ("crops", "flips")}}
+            if any(not np.array_equal(np.asarray(expect[name]), np.asarray(stored[name])) for name in expect):
                 crop_mismatch.append(f"{train.describe(int(row))} view {int(view)}")
-            crops.append(apply_crop(image, boxes[0], bool(flips[0]), prep))
-            cached.append(logits[0])
+            crops.append(crop[0])
+            cached.append(fetched["teacher_logits"][0].numpy())
             where.append(f"{train.describe(int(row))} view {int(view)}")
         progress.update(len(r))
         if not crops:
@@ -222,6 +243,6 @@ def require_ok(result: dict) -> None:
                          f"{result['first_bad_record']}); re-dump the teacher or restore the cache")
     if result["crop_mismatches"]:
         raise CacheError(f"verify failed: {result['crop_mismatches']} stored crops differ from their seeds "
-                         f"(first: {result['first_crop_mismatch']})")
+                         f"(or another stored view parameter does; first: {result['first_crop_mismatch']})")
     raise CacheError(f"verify failed: logits differ by up to {result['max_rel_logit_diff']:.3g} (relative) at "
                      f"{result['worst_record']}; tolerance {result['tolerance']:.3g}")

@@ -9,6 +9,9 @@ width); :func:`apply_crop` turns it back into pixels and crops, so a student
 replays a cached view with no random numbers at all.
 
 Pixels stay uint8 until :func:`normalize`, which runs on the training device.
+Under a recipe beyond crop and flip (:mod:`kdcache.recipe`) the worker
+renders normalised float pixels instead, and :func:`normalize` passes them
+through, so any loop may call it on any batch.
 """
 
 from __future__ import annotations
@@ -134,6 +137,13 @@ def eval_view(image: torch.Tensor, prep: Preprocess) -> torch.Tensor:
 
 
 def normalize(batch: torch.Tensor, prep: Preprocess) -> torch.Tensor:
-    """uint8 images (Bx3xHxW) to normalized float32, on the batch's device."""
+    """uint8 images (Bx3xHxW) to normalized float32, on the batch's device; float images are already normalised.
+
+    A float batch is a recipe's views, normalised (then erased and mixed) in
+    the worker; it is returned as it is, so the teacher and the student get
+    the very tensor the worker made.
+    """
+    if batch.is_floating_point():
+        return batch
     x = TF.to_dtype(batch, torch.float32, scale=True)
     return TF.normalize(x, list(prep.mean), list(prep.std))

@@ -54,10 +54,11 @@ class BackgroundWriter:
             except BaseException as e:  # handed to the dump's thread, which reports it
                 self._error = e
 
-    def put(self, rows: np.ndarray, crops: np.ndarray, flips: np.ndarray, logits: np.ndarray) -> None:
-        """Queue all K views of `rows` for writing; raises the error of an earlier write that failed."""
+    def put(self, rows: np.ndarray, crops: np.ndarray, flips: np.ndarray, logits: np.ndarray,
+            params: dict[str, np.ndarray] | None = None) -> None:
+        """Queue all K views of `rows` (and the recipe's parameters) for writing; raises an earlier write's error."""
         self._check()
-        item = (rows, crops, flips, logits)
+        item = (rows, crops, flips, logits) + ((params,) if params else ())
         while True:
             try:
                 self._queue.put(item, timeout=_POLL_SECONDS)

@@ -12,7 +12,8 @@ from typing import Any
 
 import click
 
-from .cli_options import FloatList, crop_options, crop_ranges, optim_config, optim_options, run_config, run_options
+from .cli_options import FloatList, crop_options, crop_ranges, optim_config, optim_options, recipe_config, \
+    recipe_options, run_config, run_options
 from .config import DumpConfig, TrainConfig, save_json
 
 
@@ -105,6 +106,7 @@ def _train(config: TrainConfig, mode_title: str) -> None:
 @run_options(img_help="Input size in pixels. [default: 224]")
 @optim_options
 @crop_options
+@recipe_options(smoothing=True)
 def train_teacher(model: str, epochs: int, out: str, pretrained: bool, checkpoint: str | None, **o: Any) -> None:
     """Train or fine-tune a teacher with plain supervised training.
 
@@ -116,7 +118,8 @@ def train_teacher(model: str, epochs: int, out: str, pretrained: bool, checkpoin
       kdcache train-teacher --data cifar10-jpg --model convnext_atto --img-size 32 --epochs 10 --out runs/teacher
     """
     _train(TrainConfig(model=model, out=out, run=run_config(o), optim=optim_config(o), epochs=epochs, crops=crop_ranges(o),
-                       pretrained=pretrained, checkpoint=checkpoint), "teacher")
+                       recipe=recipe_config(o), smoothing=o["smoothing"], pretrained=pretrained,
+                       checkpoint=checkpoint), "teacher")
 
 
 @main.command("dump-teacher")
@@ -139,6 +142,7 @@ def train_teacher(model: str, epochs: int, out: str, pretrained: bool, checkpoin
 @run_options(default_batch=256, batch_help="Crops per teacher forward pass (images x views).",
              img_help="Input size in pixels. [default: 224]")
 @crop_options
+@recipe_options()
 def dump_teacher(teacher: str, checkpoint: str | None, pretrained: bool, views: int, store: str, compact: bool,
                  out: str, force: bool, **o: Any) -> None:
     """Run the teacher once over K seeded views of every training image into one HDF5 cache.
@@ -149,6 +153,9 @@ def dump_teacher(teacher: str, checkpoint: str | None, pretrained: bool, views: 
     Run on a complete cache of the same settings with more --views, it grows
     that cache: the new views are dumped, the old ones copied bit for bit, and
     OUT is replaced only by the complete grown cache (one process only).
+    With --mixup, --cutmix, --aa, --color-jitter or --reprob the teacher sees
+    the mixed, augmented views; every view's parameters are stored (a format
+    version 2 cache), so students replay exactly those pixels.
 
     \b
     Example:
@@ -163,7 +170,8 @@ def dump_teacher(teacher: str, checkpoint: str | None, pretrained: bool, views: 
     from .teacher import dump
 
     config = DumpConfig(teacher=teacher, out=out, run=run_config(o), checkpoint=checkpoint, pretrained=pretrained,
-                        views=views, crops=crop_ranges(o), store=store, compact=compact, force=force)
+                        views=views, crops=crop_ranges(o), recipe=recipe_config(o), store=store, compact=compact,
+                        force=force)
     main_process = _is_main()
     if checkpoint is None and not pretrained and main_process:
         click.echo("note: no --checkpoint or --pretrained: the teacher has random weights", err=True)
@@ -203,6 +211,7 @@ def dump_teacher(teacher: str, checkpoint: str | None, pretrained: bool, views: 
 @run_options()
 @optim_options
 @crop_options
+@recipe_options(smoothing=True)
 def train_student(model: str, epochs: int, out: str, cached: tuple[str, ...],
                   teacher_weights: tuple[tuple[float, ...], ...], preload: bool | None,
                   online_teacher: str | None, teacher_checkpoint: str | None, teacher_pretrained: bool, alpha: float,
@@ -229,7 +238,8 @@ def train_student(model: str, epochs: int, out: str, cached: tuple[str, ...],
     so the run takes the same steps on the same crops as one process.
     """
     _train(TrainConfig(model=model, out=out, run=run_config(o), optim=optim_config(o), epochs=epochs,
-                       views_per_step=views_per_step, crops=crop_ranges(o), pretrained=pretrained, checkpoint=checkpoint,
+                       views_per_step=views_per_step, crops=crop_ranges(o), recipe=recipe_config(o),
+                       smoothing=o["smoothing"], pretrained=pretrained, checkpoint=checkpoint,
                        alpha=alpha, temperature=temperature, cached=cached,
                        teacher_weights=tuple(w for ws in teacher_weights for w in ws) or None, preload=preload,
                        online_teacher=online_teacher, teacher_checkpoint=teacher_checkpoint,

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import click
 
-from .config import CropRanges, OptimOptions, RunOptions, default_workers
+from .config import CropRanges, OptimOptions, Recipe, RunOptions, default_workers
 
 
 class FloatList(click.ParamType):
@@ -69,6 +69,37 @@ def crop_options(f: Callable) -> Callable:
     return f
 
 
+def recipe_options(smoothing: bool = False) -> Callable:
+    """timm train.py's augmentation options (same names and meanings); `smoothing` adds --smoothing (training)."""
+    d = Recipe()
+
+    def decorate(f: Callable) -> Callable:
+        options = [
+            click.option("--mixup", type=float, default=d.mixup, show_default=True,
+                         help="Mixup alpha (Beta(alpha, alpha)); 0 is off. Each view's partner is another image's "
+                              "same view, drawn from (seed, sample id, view)."),
+            click.option("--cutmix", type=float, default=d.cutmix, show_default=True, help="CutMix alpha; 0 is off."),
+            click.option("--mixup-prob", type=float, default=d.mixup_prob, show_default=True,
+                         help="Probability that a view is mixed when --mixup or --cutmix is on."),
+            click.option("--mixup-switch-prob", type=float, default=d.mixup_switch_prob, show_default=True,
+                         help="With both on: probability of CutMix instead of Mixup."),
+            click.option("--aa", default=d.aa, show_default=True,
+                         help="RandAugment as a timm string, e.g. rand-m9-mstd0.5-inc1, or trivialaugment "
+                              "(= rand-m10-n1-p1-mstd101-inc1). '' is off."),
+            click.option("--color-jitter", type=float, default=d.color_jitter, show_default=True,
+                         help="Brightness/contrast/saturation jitter; as in timm, not applied with --aa."),
+            click.option("--reprob", type=float, default=d.reprob, show_default=True,
+                         help="Random erasing probability (timm's RandomErasing, per-pixel noise)."),
+        ]
+        if smoothing:
+            options.append(click.option("--smoothing", type=float, default=0.0, show_default=True,
+                                        help="Label smoothing of the cross-entropy term."))
+        for option in reversed(options):
+            f = option(f)
+        return f
+    return decorate
+
+
 def optim_options(f: Callable) -> Callable:
     d = OptimOptions()
     for option in reversed([
@@ -96,6 +127,12 @@ def run_config(o: dict) -> RunOptions:
 
 def crop_ranges(o: dict) -> CropRanges:
     return CropRanges(scale=o["crop_scale"], ratio=o["crop_ratio"], hflip=o["hflip"])
+
+
+def recipe_config(o: dict) -> Recipe:
+    return Recipe(mixup=o["mixup"], cutmix=o["cutmix"], mixup_prob=o["mixup_prob"],
+                  mixup_switch_prob=o["mixup_switch_prob"], aa=o["aa"], color_jitter=o["color_jitter"],
+                  reprob=o["reprob"])
 
 
 def optim_config(o: dict) -> OptimOptions:

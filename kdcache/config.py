@@ -58,6 +58,72 @@ class CropRanges:
         _in_range("--hflip", self.hflip, 0.0, 1.0)
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """The augmentation recipe beyond the crop: timm ``train.py``'s options, names and meanings.
+
+    Every default is off, so the default recipe is the paper's (crop and flip
+    only) and its pixels and caches are today's, bit for bit. Each random
+    decision these options imply is a parameter of the view, drawn from
+    ``(seed, sample id, view)`` and stored in the cache (see
+    :mod:`kdcache.recipe`). The options are checked here; the ``--aa``
+    string is parsed by timm (lazily: only when it is given).
+    """
+
+    mixup: float = 0.0  # Beta(alpha, alpha) mixup; 0 is off (timm's default)
+    cutmix: float = 0.0  # Beta(alpha, alpha) CutMix; 0 is off (timm's default)
+    mixup_prob: float = 1.0  # chance a view is mixed when mixup or cutmix is on (timm's default)
+    mixup_switch_prob: float = 0.5  # with both on: the chance of CutMix instead of mixup (timm's default)
+    # timm's auto-augment string: 'rand-m9-mstd0.5-inc1' and other 'rand-...' RandAugment strings, or
+    # 'trivialaugment' (see kdcache.recipe.AA_ALIASES). '' is off: the paper's recipe.
+    aa: str = ""
+    # Brightness, contrast and saturation jitter (torchvision's ColorJitter(c, c, c)). 0 is off here, where
+    # timm's train.py defaults to 0.4; as in timm's transforms_factory it is not applied with --aa (but 3a).
+    color_jitter: float = 0.0
+    reprob: float = 0.0  # random erasing probability (timm's RandomErasing, mode 'pixel'); 0 is off
+
+    def __post_init__(self) -> None:
+        for option, value in (("--mixup", self.mixup), ("--cutmix", self.cutmix),
+                              ("--color-jitter", self.color_jitter)):
+            _require(math.isfinite(value) and value >= 0, f"{option} must be a number >= 0, got {value:g}")
+        _in_range("--mixup-prob", self.mixup_prob, 0.0, 1.0)
+        _in_range("--mixup-switch-prob", self.mixup_switch_prob, 0.0, 1.0)
+        _in_range("--reprob", self.reprob, 0.0, 1.0)
+        if self.aa:
+            from .recipe import augment_policy  # timm parses the string; imported only when one is given
+
+            augment_policy(self.aa)  # raises ConfigError naming --aa
+
+    @property
+    def is_default(self) -> bool:
+        """True for the paper's recipe: nothing beyond the crop and flip."""
+        return self == Recipe()
+
+    @property
+    def mixing(self) -> bool:
+        return self.mixup > 0 or self.cutmix > 0
+
+    @property
+    def jitter(self) -> bool:
+        """Colour jitter is applied: asked for, and not replaced by --aa (timm keeps it only with a '3a' policy)."""
+        return self.color_jitter > 0 and (not self.aa or "3a" in self.aa)
+
+    def to_json(self) -> str:
+        """The recipe as the cache records it; '' for the default recipe (a version-1 file has none)."""
+        return "" if self.is_default else json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Recipe:
+        """The recipe of :meth:`to_json` ('' is the default); ConfigError when it is not one."""
+        if not text:
+            return cls()
+        try:
+            values = json.loads(text)
+            return cls(**values)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"not a recipe: {e}") from None
+
+
 def default_workers() -> int:
     """Half the CPU cores, at most 8; none on a machine of two cores or fewer.
 
@@ -133,6 +199,10 @@ class TrainConfig:
     # per image per epoch, the paper's setting; raise it when decoding is the bottleneck.
     views_per_step: int = 1
     crops: CropRanges = field(default_factory=CropRanges)
+    # Plain and online runs follow it; a cached run replays the cache's own recipe (its stored parameters).
+    recipe: Recipe = field(default_factory=Recipe)
+    # Label smoothing of the CE term (timm's --smoothing); 0 keeps the paper's hard labels.
+    smoothing: float = 0.0
     pretrained: bool = False
     checkpoint: str | None = None  # local weights to start from
     # KD: the paper's loss is (1-alpha)*T^2*KL + alpha*CE. alpha=0.5 weighs
@@ -157,6 +227,7 @@ class TrainConfig:
         _at_least("--views-per-step", self.views_per_step, 1)
         _in_range("--alpha", self.alpha, 0.0, 1.0)
         _require(self.temperature > 0, f"--temperature must be above 0, got {self.temperature:g}")
+        _require(0.0 <= self.smoothing < 1.0, f"--smoothing must be in [0, 1), got {self.smoothing:g}")
         self._normalise_teachers()
         _require(not (self.cached and self.online_teacher),
                  "--cached and --online-teacher are two teacher sources; choose one")
@@ -197,6 +268,7 @@ class DumpConfig:
     pretrained: bool = False
     views: int = 15  # one view per student epoch of the paper's 15-epoch schedule
     crops: CropRanges = field(default_factory=CropRanges)
+    recipe: Recipe = field(default_factory=Recipe)  # the default: crop and flip only, a version-1 cache
     store: str = "fp16"  # half the bytes of fp32; logits lose < 1e-3 relative
     # Store no crops or flips (17 bytes per record; derived from (seed, sample id, view) on read) and top-k's
     # log-sum-exp in float16. Off by default: such a cache is format version 2, which older releases cannot read.
@@ -209,6 +281,9 @@ class DumpConfig:
         _require(bool(self.teacher), "--teacher must name a timm model")
         _require(bool(self.out), "--out must name the cache file to write")
         _at_least("--views", self.views, 1)
+        # A compact cache derives crops on read; the recipe's other parameters are stored, not yet derived there.
+        _require(not (self.compact and not self.recipe.is_default),
+                 "--compact does not take a recipe (--mixup, --cutmix, --aa, --color-jitter, --reprob) yet")
         try:
             parse_store(self.store)  # fp16 | fp32 | topk:K with K >= 1; K <= classes is checked with the data
         except KdcacheError as e:

@@ -47,5 +47,5 @@ def channels_last(obj: T, device: torch.device) -> T:
 
 
 def model_input(images: torch.Tensor, prep: Preprocess, device: torch.device) -> torch.Tensor:
-    """uint8 crops (B,3,S,S) as the normalised float input of a model on `device`."""
+    """uint8 crops (B,3,S,S), or a recipe's normalised float views, as the float input of a model on `device`."""
     return channels_last(normalize(images.to(device, non_blocking=True), prep), device)

@@ -6,7 +6,13 @@
 * :class:`DumpViews`: all K seeded views of an image, decoded once.
 * :class:`EvalViews`: the deterministic evaluation view.
 
-Batches stay uint8 until they reach the device. The epoch's batch order is a
+Batches stay uint8 until they reach the device, except under a recipe
+beyond crop and flip (:mod:`kdcache.recipe`): its views are rendered in the
+worker, as normalised float32 pixels (erased and mixed where the view's
+parameters say so), by :func:`render_views` for the dump and for training
+alike, so the teacher and the student get the very same tensor.
+
+The epoch's batch order is a
 permutation drawn from ``(seed, epoch)``, so every mode sees the same batches,
 and under torchrun every rank takes its share of that same permutation.
 
@@ -29,8 +35,10 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
 from .augment import Preprocess, apply_crop, eval_view, sample_crop, view_rng
-from .config import CropRanges
+from .config import CropRanges, Recipe
 from .data import ImageSet
+from .errors import CacheError
+from .recipe import PARAM_NAMES, is_mixed, param_names, render_view
 from .targets import CachedViews, SeededViews
 
 
@@ -109,6 +117,47 @@ class EpochBatches(BatchSampler):
         return (EpochBatch(epoch, rows) for rows in super().__iter__())
 
 
+def _record(fetched: dict, i: int) -> dict:
+    """Record `i` (crop, flip, recipe parameters) of a view source's fetched batch."""
+    record = {name: fetched[name][i] for name in PARAM_NAMES if name in fetched}
+    return {"crops": fetched["boxes"][i], "flips": fetched["flips"][i], **record}
+
+
+def render_views(images: ImageSet, source: SeededViews | CachedViews, prep: Preprocess, rows: np.ndarray,
+                 pixels: list[torch.Tensor], fetched: list[tuple[int, dict]]) -> tuple[list[torch.Tensor], np.ndarray]:
+    """The recipe's pixels of `rows` (decoded as `pixels`) in the views of `fetched` ((view, fetched batch) pairs).
+
+    Returns the views image-major (row 0's views first) and each one's
+    partner row (the row itself where the view is not mixed), in the same
+    order. A mixed view's partner is decoded here and rendered from its own
+    record of the same view: sampled from (seed, partner id, view) or read
+    from the cache, as `source` gives records.
+    """
+    partners: list[dict[int, tuple[torch.Tensor, dict]]] = []
+    for view, f in fetched:
+        found = {}
+        if "mix_partners" in f:
+            wanted = np.unique(f["mix_partners"][f["mix_partners"] >= 0])
+            if len(wanted) and wanted[-1] >= len(images):
+                raise CacheError(f"a stored mixing partner is row {int(wanted[-1])}, but the data have "
+                                 f"{len(images)} rows; the cache is damaged: dump it again")
+            if len(wanted):
+                decoded = [images.load(int(r)) for r in wanted]
+                sizes = [(int(p.shape[-2]), int(p.shape[-1])) for p in decoded]
+                theirs = source.fetch(wanted, images.ids[wanted], sizes, view, prep.size)
+                found = {int(r): (decoded[k], _record(theirs, k)) for k, r in enumerate(wanted)}
+        partners.append(found)
+    out, partner_rows = [], []
+    for i, p in enumerate(pixels):
+        for (view, f), found in zip(fetched, partners):
+            record = _record(f, i)
+            mixed = is_mixed(record)
+            partner = found[int(record["mix_partners"])] if mixed else None
+            out.append(render_view(p, record, prep, source.recipe, partner))
+            partner_rows.append(int(record["mix_partners"]) if mixed else int(rows[i]))
+    return out, np.asarray(partner_rows, dtype=np.int64)
+
+
 class TrainViews(Dataset):
     """Training batches: each image decoded once, its ``views_per_step`` views of the epoch, cached targets if any.
 
@@ -150,12 +199,20 @@ class TrainViews(Dataset):
         pixels = [self.images.load(int(r)) for r in rows]  # decoded once for all the views
         sizes = [(int(p.shape[-2]), int(p.shape[-1])) for p in pixels]
         ids = self.images.ids[rows]
-        fetched = [self.views.fetch(rows, ids, sizes, view) for view in views]
-        crops = [apply_crop(p, f["boxes"][i], bool(f["flips"][i]), self.prep)
-                 for i, p in enumerate(pixels) for f in fetched]
+        fetched = [self.views.fetch(rows, ids, sizes, view, self.prep.size) for view in views]
         m = len(views)
-        batch = {"images": torch.stack(crops), "labels": torch.from_numpy(np.repeat(self.images.labels[rows], m)),
+        batch = {"labels": torch.from_numpy(np.repeat(self.images.labels[rows], m)),
                  "rows": torch.from_numpy(np.repeat(rows, m)), "view": views[0], "views": views}
+        if self.views.recipe.is_default:
+            crops = [apply_crop(p, f["boxes"][i], bool(f["flips"][i]), self.prep)
+                     for i, p in enumerate(pixels) for f in fetched]
+        else:
+            crops, partner_rows = render_views(self.images, self.views, self.prep, rows, pixels,
+                                               list(zip(views, fetched)))
+            if self.views.recipe.mixing:  # the CE term's targets: lambda * y + (1 - lambda) * y_partner
+                batch["partner_labels"] = torch.from_numpy(self.images.labels[partner_rows])
+                batch["mix_lambdas"] = torch.from_numpy(np.stack([f["mix_lambdas"] for f in fetched], 1).ravel())
+        batch["images"] = torch.stack(crops)
         if "teacher_logits" in fetched[0]:
             batch["teacher_logits"] = torch.stack([f["teacher_logits"] for f in fetched], dim=1).flatten(0, 1)
         return batch
@@ -168,9 +225,10 @@ class DumpViews(Dataset):
     """
 
     def __init__(self, images: ImageSet, seed: int, ranges: CropRanges, num_views: int, prep: Preprocess,
-                 first_view: int = 0) -> None:
+                 first_view: int = 0, recipe: Recipe | None = None) -> None:
         self.images, self.seed, self.ranges, self.num_views, self.prep = images, seed, ranges, num_views, prep
         self.first_view = first_view
+        self.source = SeededViews(seed, ranges, recipe or Recipe(), len(images))
 
     def __len__(self) -> int:
         return len(self.images)
@@ -179,11 +237,25 @@ class DumpViews(Dataset):
         pixels = self.images.load(row)
         h, w = int(pixels.shape[-2]), int(pixels.shape[-1])
         sample_id = int(self.images.ids[row])
+        if not self.source.recipe.is_default:
+            return self._recipe_views(row, pixels, (h, w))
         boxes, flips = zip(*(sample_crop(view_rng(self.seed, sample_id, v), h, w, self.ranges)
                              for v in range(self.first_view, self.num_views)))
         crops = [apply_crop(pixels, box, flip, self.prep) for box, flip in zip(boxes, flips)]
         return {"images": torch.stack(crops), "boxes": torch.from_numpy(np.stack(boxes)),
                 "flips": torch.tensor(flips), "rows": row}
+
+    def _recipe_views(self, row: int, pixels: torch.Tensor, size: tuple[int, int]) -> dict:
+        rows = np.array([row])
+        fetched = [(v, self.source.fetch(rows, self.images.ids[rows], [size], v, self.prep.size))
+                   for v in range(self.first_view, self.num_views)]
+        images, _ = render_views(self.images, self.source, self.prep, rows, [pixels], fetched)
+        params = {name: torch.from_numpy(np.concatenate([f[name] for _, f in fetched]))
+                  for name in param_names(self.source.recipe)}
+        boxes = np.concatenate([f["boxes"] for _, f in fetched])
+        flips = np.concatenate([f["flips"] for _, f in fetched])
+        return {"images": torch.stack(images), "boxes": torch.from_numpy(boxes), "flips": torch.from_numpy(flips),
+                "rows": row, "params": params}
 
 
 class EvalViews(Dataset):

@@ -13,9 +13,11 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, l
     The KL term is averaged over the batch; ``T^2`` keeps its gradient scale
     independent of the temperature (Hinton et al., 2015). Without teacher
     logits (plain training) the loss is the cross-entropy alone. Returns
-    ``{"loss", "ce", "kd"}``; ``kd`` is zero in plain training.
+    ``{"loss", "ce", "kd"}``; ``kd`` is zero in plain training. `labels` are
+    class indices (B,) or soft targets (B,C), as :func:`label_targets` makes
+    them for mixed views and label smoothing; ``alpha=0`` is pure function matching.
     """
-    ce = F.cross_entropy(student_logits.float(), labels)
+    ce = F.cross_entropy(student_logits.float(), labels.float() if labels.is_floating_point() else labels)
     if teacher_logits is None:
         return {"loss": ce, "ce": ce, "kd": torch.zeros_like(ce)}
     t = temperature
@@ -40,3 +42,27 @@ def ensemble_logits(teacher_logits: list[torch.Tensor], weights: list[float] | t
     log_p = torch.stack([F.log_softmax(x.float() / t, dim=-1) for x in teacher_logits])  # (teachers, ..., C)
     log_w = torch.log(torch.as_tensor(weights, dtype=torch.float32, device=log_p.device))
     return t * torch.logsumexp(log_p + log_w.view(-1, *([1] * (log_p.dim() - 1))), dim=0)
+
+
+def label_targets(labels: torch.Tensor, num_classes: int, smoothing: float = 0.0,
+                  partner_labels: torch.Tensor | None = None, lambdas: torch.Tensor | None = None) -> torch.Tensor:
+    """The CE term's targets: the class indices themselves, or soft targets (B,C) as timm's ``mixup_target``.
+
+    With `smoothing` each one-hot target keeps ``1 - smoothing + smoothing/C``
+    and gives every other class ``smoothing/C``; a mixed view's target is
+    ``lambda * y + (1 - lambda) * y_partner`` (`lambdas` per view, 1 where not
+    mixed). Without either, the indices pass through, so the paper's loss is unchanged.
+    """
+    if smoothing == 0.0 and partner_labels is None:
+        return labels
+    off = smoothing / num_classes
+    on = 1.0 - smoothing + off
+
+    def smoothed(y: torch.Tensor) -> torch.Tensor:
+        return F.one_hot(y, num_classes).float() * (on - off) + off
+
+    target = smoothed(labels)
+    if partner_labels is not None:
+        lam = lambdas.float().view(-1, 1)
+        target = target * lam + smoothed(partner_labels) * (1.0 - lam)
+    return target

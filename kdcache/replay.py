@@ -23,7 +23,12 @@ of the one-process batches (see :class:`~kdcache.loaders.EpochOrder`).
 Batches hold uint8 crops, not normalised floats: a quarter of the bytes
 through the workers' queues and host-to-device copies, normalised on the
 device with the teacher's mean and std (``replay.prep``), which is what
-``train-student`` does, so both give the same inputs.
+``train-student`` does, so both give the same inputs. A cache dumped with a
+recipe (``--mixup``, ``--aa``, ...) replays its views as the worker renders
+them from the stored parameters: normalised float32 pixels, mixed and erased
+where the view was, which :func:`~kdcache.augment.normalize` passes through;
+such batches add ``partner_labels`` and ``mix_lambdas`` for the label term
+(:func:`~kdcache.losses.label_targets`).
 """
 
 from __future__ import annotations

@@ -30,7 +30,8 @@ from torch import nn
 
 from .augment import Preprocess, sample_crops
 from .cache import CacheReader
-from .config import CropRanges, TrainConfig
+from .config import CropRanges, Recipe, TrainConfig
+from .recipe import replay_notes, sample_records
 from .data import ImageSet
 from .devices import channels_last
 from .errors import CacheError
@@ -42,17 +43,23 @@ from .report import Progress
 class SeededViews:
     """Crops drawn from ``(seed, sample_id, view)``, with ``view = slot`` (the epoch when M = 1)."""
 
-    def __init__(self, seed: int, ranges: CropRanges) -> None:
-        self.seed = seed
-        self.ranges = ranges
+    def __init__(self, seed: int, ranges: CropRanges, recipe: Recipe | None = None, num_rows: int = 0) -> None:
+        self.seed, self.ranges = seed, ranges
+        self.recipe = recipe or Recipe()  # beyond crop and flip, the views' parameters come from sample_view
+        self.num_rows = num_rows  # the rows a mixing partner is drawn from
 
     def view(self, slot: int) -> int:
         """The view of view slot ``epoch * views_per_step + j``."""
         return slot
 
-    def fetch(self, rows: np.ndarray, ids: np.ndarray, sizes: list[tuple[int, int]], view: int) -> dict:
-        boxes, flips = sample_crops(self.seed, ids, sizes, view, self.ranges)
-        return {"boxes": boxes, "flips": flips}
+    def fetch(self, rows: np.ndarray, ids: np.ndarray, sizes: list[tuple[int, int]], view: int,
+              size: int | None = None) -> dict:
+        """Crop boxes and flips of `rows` (and, under a recipe, every parameter of views of input size `size`)."""
+        if self.recipe.is_default:
+            boxes, flips = sample_crops(self.seed, ids, sizes, view, self.ranges)
+            return {"boxes": boxes, "flips": flips}
+        records = sample_records(self.seed, rows, ids, sizes, view, self.ranges, self.recipe, self.num_rows, size)
+        return {"boxes": records.pop("crops"), "flips": records.pop("flips").astype(bool), **records}
 
 
 class CachedViews:
@@ -64,14 +71,17 @@ class CachedViews:
 
     def __init__(self, reader: CacheReader) -> None:
         self.reader = reader
+        self.recipe = reader.recipe  # replayed from the stored parameters, never sampled
 
     def view(self, slot: int) -> int:
         """The cached view of view slot ``epoch * views_per_step + j``; views repeat after K slots."""
         return slot % self.reader.info.num_views
 
-    def fetch(self, rows: np.ndarray, ids: np.ndarray, sizes: list[tuple[int, int]], view: int) -> dict:
-        boxes, flips, logits = self.reader.read(rows, view, sizes)
-        return {"boxes": boxes, "flips": flips, "teacher_logits": torch.from_numpy(logits)}
+    def fetch(self, rows: np.ndarray, ids: np.ndarray, sizes: list[tuple[int, int]], view: int,
+              size: int | None = None) -> dict:
+        records = self.reader.read_records(rows, view, sizes)  # flips and the recipe's parameters as they are
+        records["boxes"], records["teacher_logits"] = records.pop("crops"), torch.from_numpy(records["teacher_logits"])
+        return records
 
 
 class EnsembleViews:
@@ -88,16 +98,20 @@ class EnsembleViews:
         self.weights = tuple(weights)
         self.temperature = temperature
         self.num_views = min(r.info.num_views for r in self.readers)
+        self.recipe = self.readers[0].recipe  # the caches' recipes are checked equal (SHARED_SETTINGS)
 
     def view(self, slot: int) -> int:
         """The cached view of view slot ``epoch * views_per_step + j``; views repeat after the smallest K."""
         return slot % self.num_views
 
-    def fetch(self, rows: np.ndarray, ids: np.ndarray, sizes: list[tuple[int, int]], view: int) -> dict:
-        reads = [reader.read(rows, view, sizes) for reader in self.readers]
-        boxes, flips, _ = reads[0]  # the others' crops were checked equal, bit for bit, at open
-        logits = ensemble_logits([torch.from_numpy(t) for _, _, t in reads], self.weights, self.temperature)
-        return {"boxes": boxes, "flips": flips, "teacher_logits": logits}
+    def fetch(self, rows: np.ndarray, ids: np.ndarray, sizes: list[tuple[int, int]], view: int,
+              size: int | None = None) -> dict:
+        reads = [reader.read_records(rows, view, sizes) for reader in self.readers]
+        first = reads[0]  # the others' crops were checked equal, bit for bit, at open; their recipes equal
+        first["teacher_logits"] = ensemble_logits([torch.from_numpy(r["teacher_logits"]) for r in reads],
+                                                  self.weights, self.temperature)
+        first["boxes"] = first.pop("crops")
+        return first
 
 
 class TargetSource:
@@ -123,10 +137,8 @@ class TargetSource:
 class PlainTargets(TargetSource):
     """No teacher: cross-entropy on the labels only."""
 
-    def __init__(self, seed: int, ranges: CropRanges) -> None:
-        self.views = SeededViews(seed, ranges)
-        self.crops = ranges
-        self.record = {}
+    def __init__(self, seed: int, ranges: CropRanges, recipe: Recipe | None = None, num_rows: int = 0) -> None:
+        self.views, self.crops, self.record = SeededViews(seed, ranges, recipe, num_rows), ranges, {}
 
 
 class CachedTargets(TargetSource):
@@ -167,13 +179,11 @@ class OnlineTeacher(TargetSource):
     mode = "online"
 
     def __init__(self, teacher: nn.Module, seed: int, ranges: CropRanges, amp_dtype: torch.dtype | None = None,
-                 prep: Preprocess | None = None, record: dict | None = None) -> None:
+                 prep: Preprocess | None = None, record: dict | None = None, recipe: Recipe | None = None,
+                 num_rows: int = 0) -> None:
         self.teacher = teacher.eval()
-        self.views = SeededViews(seed, ranges)
-        self.amp_dtype = amp_dtype
-        self.prep = prep
-        self.crops = ranges
-        self.record = record or {}
+        self.views = SeededViews(seed, ranges, recipe, num_rows)
+        self.amp_dtype, self.prep, self.crops, self.record = amp_dtype, prep, ranges, record or {}
 
     @torch.no_grad()  # not inference_mode: the loss saves these logits for backward
     def teacher_logits(self, batch: dict, inputs: torch.Tensor) -> torch.Tensor:
@@ -236,7 +246,8 @@ def check_cache_fits(reader: CacheReader, train: ImageSet) -> None:
 
 # What several caches must share to train one student together: the same crops (seed and ranges; the stored
 # boxes are compared too), the same classes, and the pixels' normalisation, which the student then trains with.
-SHARED_SETTINGS = ("seed", "crop_scale", "crop_ratio", "hflip", "num_classes", "mean", "std", "interpolation")
+SHARED_SETTINGS = ("seed", "crop_scale", "crop_ratio", "hflip", "num_classes", "mean", "std", "interpolation",
+                   "recipe")
 CROP_BLOCK_BYTES = 64 * 1024**2  # rows of crops compared at once: bounded memory for a cache of any size
 
 
@@ -372,6 +383,8 @@ def create_target_source(config: TrainConfig, readers: CacheReader | Sequence[Ca
         check_caches_agree(readers)
         _note_sizes(readers, img_size, progress)
         _note_view_reuse(config, min(r.info.num_views for r in readers), progress)
+        for note in replay_notes(config.recipe, readers[0].recipe, readers[0].attrs, readers[0].path):
+            progress.note(note)
         return CachedTargets(readers, img_size, config.teacher_weights, config.temperature)
     if config.online_teacher:
         teacher = build(config.online_teacher, train.num_classes, img_size, pretrained=config.teacher_pretrained,
@@ -382,5 +395,5 @@ def create_target_source(config: TrainConfig, readers: CacheReader | Sequence[Ca
                   "teacher_checkpoint_sha256": file_sha256(config.teacher_checkpoint) if config.teacher_checkpoint
                   else ""}
         return OnlineTeacher(teacher, config.run.seed, config.crops, amp, Preprocess.for_model(teacher, img_size),
-                             record)
-    return PlainTargets(config.run.seed, config.crops)
+                             record, config.recipe, len(train))
+    return PlainTargets(config.run.seed, config.crops, config.recipe, len(train))

@@ -130,6 +130,7 @@ def cache_info(config: DumpConfig, train: ImageSet, prep: Preprocess, img_size: 
         crop_scale=tuple(config.crops.scale), crop_ratio=tuple(config.crops.ratio), hflip=config.crops.hflip,
         dataset_name=train.name, dataset_split=train.split, dataset_fingerprint=train.fingerprint,
         class_names=tuple(train.classes), content_hash=train.content_hash_scheme, compact=config.compact,
+        recipe=config.recipe.to_json(),
     )
 
 
@@ -292,7 +293,8 @@ class _Dumper:
         first = writer.first_view
         views = config.views - first
         images_per_batch = max(1, run.batch_size // views)
-        dataset = DumpViews(train, run.seed, config.crops, config.views, self.prep, first_view=first)
+        dataset = DumpViews(train, run.seed, config.crops, config.views, self.prep, first_view=first,
+                            recipe=config.recipe)
         loader = dump_loader(dataset, todo, images_per_batch, run.workers, self.device)
         label = f"x{config.views} views" if not first else f"view {first}" if views == 1 else \
             f"views {first}..{config.views - 1}"
@@ -312,8 +314,9 @@ class _Dumper:
                     i, v = np.argwhere(bad)[0]
                     raise CacheError(f"the teacher returned NaN or Inf for {train.describe(int(batch_rows[i]))} "
                                      f"view {first + v}; check the checkpoint (or dump without --amp)")
+                params = {name: value.numpy() for name, value in batch.get("params", {}).items()}
                 background.put(np.searchsorted(rows, batch_rows), batch["boxes"].numpy(), batch["flips"].numpy(),
-                               logits)
+                               logits, params)
                 correct += int((logits.argmax(-1) == train.labels[batch_rows][:, None]).sum())
                 self.progress.update(b * k)
         except BaseException:

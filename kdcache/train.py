@@ -38,7 +38,7 @@ from .devices import amp_dtype, channels_last, model_input, resolve_device
 from .distributed import Dist
 from .errors import ConfigError, KdcacheError, OutputError
 from .loaders import EpochOrder, EvalViews, TrainViews, eval_loader, train_loader
-from .losses import kd_loss
+from .losses import kd_loss, label_targets
 from .models import build, check_input_size, checkpoint_bytes, save_checkpoint
 from .report import Progress
 from .targets import TargetSource, create_target_source
@@ -61,8 +61,11 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
                     prep: Preprocess, device: torch.device, alpha: float, temperature: float,
                     amp: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None,
                     epoch: int = 0, progress: Progress | None = None,
-                    on_step: Callable[[StepLog], None] | None = None) -> dict[str, float]:
+                    on_step: Callable[[StepLog], None] | None = None, smoothing: float = 0.0) -> dict[str, float]:
     """One pass over `loader`; returns mean losses, images seen and wall seconds.
+
+    The CE term's targets are the labels, smoothed by `smoothing` and mixed
+    with the partners' labels where a batch's views are mixed (:func:`label_targets`).
 
     The seconds include data loading and target reading, since a cache that
     is slow to read would slow training exactly there.
@@ -77,7 +80,11 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         teacher = targets.teacher_logits(batch, x)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             student = model(x)
-        parts = kd_loss(student, teacher, y, alpha, temperature)
+        partner = batch.get("partner_labels")
+        target = label_targets(y, student.shape[-1], smoothing,
+                               None if partner is None else partner.to(device, non_blocking=True),
+                               None if partner is None else batch["mix_lambdas"].to(device, non_blocking=True))
+        parts = kd_loss(student, teacher, target, alpha, temperature)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None and scaler.is_enabled():
             scaler.scale(parts["loss"]).backward()
@@ -186,7 +193,7 @@ class Run:
         c = self.config
         stats = train_one_epoch(self.model, loader if loader is not None else self.loader(epoch), self.optimizer,
                                 self.targets, self.prep, self.device, c.alpha, c.temperature, self.amp, self.scaler,
-                                epoch, progress, on_step)
+                                epoch, progress, on_step, c.smoothing)
         w = self.dist.world_size  # alone, the reductions below return the stats as they are
         loss, ce, kd, images = self.dist.all_reduce([stats["loss"], stats["ce"], stats["kd"], stats["images"]])
         (seconds,) = self.dist.all_reduce([stats["seconds"]], op="max")
@@ -266,7 +273,8 @@ def prepare(config: TrainConfig, progress: Progress | None = None) -> Run:
     order = EpochOrder(len(train), run.seed, dist.rank, dist.world_size, run.batch_size)
     dataset = TrainViews(train, targets.views, prep, config.views_per_step)
     batches = train_loader(dataset, order, run.batch_size // dist.world_size, run.workers, device)
-    extra = {**targets.record, "crop_scale": list(targets.crops.scale)}
+    extra = {**targets.record, "crop_scale": list(targets.crops.scale),
+             "recipe": targets.views.recipe.to_json() or "crop and flip only"}
     return Run(config=config, device=device, amp=amp, train=train, test=test, img_size=img_size, targets=targets,
                prep=prep, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, dataset=dataset,
                order=order, batches=batches, extra=extra, dist=dist)

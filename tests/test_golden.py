@@ -1,13 +1,14 @@
 """Caches written by an older kdcache stay readable: golden files of each format version.
 
 The files in tests/data/ were written once by the version named in
-make_golden_v1.py and are committed. A change to the format that breaks them
+make_golden_v1.py and make_golden_v2.py and are committed. A change to the format that breaks them
 fails here, not on a user's disk.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,30 @@ def test_golden_v1_cache_reads_with_todays_reader(store: str) -> None:
             full /= full.sum(1, keepdims=True)
             np.testing.assert_allclose(np.take_along_axis(probs, top, 1), np.take_along_axis(full, top, 1),
                                        rtol=2e-3, atol=1e-4)
+    reader.close()
+
+
+_spec2 = importlib.util.spec_from_file_location("make_golden_v2", DATA / "make_golden_v2.py")
+golden_v2r = importlib.util.module_from_spec(_spec2)
+sys.modules.setdefault("make_golden_v1", golden)  # make_golden_v2 builds on the v1 values
+_spec2.loader.exec_module(golden_v2r)
+
+
+def test_golden_v2_recipe_cache_reads_with_todays_reader() -> None:
+    """A cache with a recipe (format version 2): its recipe and every stored view parameter read back as written."""
+    expected = golden_v2r.golden_values()
+    reader = CacheReader(DATA / golden_v2r.NAME)
+    assert reader.attrs["format_version"] == 2
+    assert reader.info == golden_v2r.golden_info()
+    assert reader.recipe.mixup == 0.8 and reader.recipe.aa == "rand-m9-mstd0.5-inc1"
+    rows = np.array([4, 0, 2])
+    for view in range(golden_v2r.K):
+        records = reader.read_records(rows, view)
+        np.testing.assert_array_equal(records["crops"], expected["crops"][rows, view])
+        np.testing.assert_array_equal(records["teacher_logits"], expected["logits"][rows, view])
+        for name in reader.params.names:
+            np.testing.assert_array_equal(records[name], expected[name][rows, view], err_msg=name)
+    assert reader.scan().ok
     reader.close()
 
 

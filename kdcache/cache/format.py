@@ -34,6 +34,42 @@ Teacher targets, by ``store`` (one codec each, see :mod:`kdcache.cache.stores`):
                      approximation is exact for the top k classes' order and loses
                      only the shape of the tail.
 
+Recipe parameters (format version 2; only in a cache whose ``recipe``
+attribute is set, and only those its recipe uses; one codec,
+:mod:`kdcache.cache.params`). Each is one parameter of the view (image row,
+view), drawn from ``(seed, sample id, view)`` by
+:func:`kdcache.recipe.sample_view` and replayed as stored:
+
+``ra_ops``          (N,K,L)  int8     RandAugment (``--aa``): the op of each of the
+                                      policy's L layers, an index into the policy's op
+                                      list (timm's order for the ``--aa`` string); -1
+                                      where the layer's op was skipped (its prob)
+``ra_args``         (N,K,L)  float32  the op's final argument (after magnitude noise,
+                                      clipping and sign), as timm's op function takes
+                                      it (integer-valued for posterize and solarize);
+                                      0 for ops without one and for skipped layers
+``jitter_factors``  (N,K,3)  float32  colour jitter (``--color-jitter``): brightness,
+                                      contrast and saturation factors, >= 0
+``jitter_order``    (N,K,3)  uint8    the order they are applied in (a permutation
+                                      of 0, 1, 2, indices into the factors)
+``erase_boxes``     (N,K,4)  float32  random erasing (``--reprob``): the erased box
+                                      as fractions of the input_size x input_size view
+                                      (top, left, height, width); all 0: not erased
+``erase_seeds``     (N,K)    int64    >= 0: seeds a CPU ``torch.Generator`` whose
+                                      ``torch.randn(3, h, w)`` fills the box (after
+                                      normalisation, timm's 'pixel' mode)
+``mix_partners``    (N,K)    int64    Mixup/CutMix: the partner's row (another row of
+                                      this cache), -1 where the view is not mixed. The
+                                      partner's view is the same view index, rendered
+                                      from the partner's own stored record (its own
+                                      mixing ignored)
+``mix_lambdas``     (N,K)    float32  the own image's weight in [0, 1] (1 when not
+                                      mixed); for CutMix corrected to the box's area.
+                                      Labels mix with it: lambda*y + (1-lambda)*y_partner
+``cutmix_boxes``    (N,K,4)  float32  the pasted partner box as fractions of the view
+                                      (top, left, height, width); all 0 for mixup and
+                                      unmixed views
+
 Every dataset is chunked along N only (whole images, all views), with chunks
 of about 64 KiB, and allocated when the file is created, so later writes touch
 raw data only and a killed dump leaves readable metadata. Files written after
@@ -59,7 +95,12 @@ fingerprint; a file without it reads as ``head-tail-64k``: file size plus the
 first and last 64 KiB). A cache grown from one of fewer views (below) also
 records ``grown_from_views`` (int, the K it had); readers ignore it, and a file
 without it was dumped in one go. A compact cache records ``compact`` = true
-(format version 2, see Versions). The reader checks every attribute's type and
+(format version 2, see Versions). ``recipe`` (JSON object of
+:class:`kdcache.config.Recipe`'s fields; version 2) records a recipe beyond
+the crop and flip; a file without it (or with '') has the default recipe.
+``library_versions`` names the versions of kdcache, torch, torchvision, timm,
+Pillow, h5py, HDF5 and numpy that wrote the file (torchvision and Pillow
+since version 2: their resizing and ops make the pixels). The reader checks every attribute's type and
 range on open (:func:`info_from_attrs`).
 
 A dump writes ``OUT.partial`` and renames it to ``OUT`` when complete.
@@ -121,6 +162,12 @@ version it does not know with one line that says which versions it reads.
     for why). The gap is at most ln(C - k), and float16 keeps it to within
     2^-11 of its size. Other stores are unchanged. A v1 reader would find no
     ``crops`` and refuse the file, hence version 2.
+  - **Recipe parameters** (``--mixup``, ``--cutmix``, ``--aa``,
+    ``--color-jitter``, ``--reprob``), marked by a non-empty ``recipe``
+    attribute: the parameter datasets above. An older reader would replay
+    the crops without the ops, erasing and mixing, and pair the teacher's
+    targets of mixed views with unmixed pixels. (Not combined with
+    ``compact`` yet: a dump refuses both.)
 
 A change that an older reader cannot read (a new required dataset or
 attribute, another meaning of an existing one) must be a new version: it is
@@ -148,10 +195,8 @@ different batch composition (see :mod:`kdcache.parts`).
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import MISSING, asdict, dataclass, fields
-from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import h5py
@@ -159,14 +204,17 @@ import numpy as np
 
 from ..errors import CacheError
 from .attr_types import boolean, finite, integer, names_json, number, numbers, text
-from .hdf5 import worded
-from .stores import Layout, StoreCodec, store_codec
-from .witness import witness_layout
+from .layout import BOX_SLACK, check_datasets, info_codec, layout, record_bytes, record_faults, record_layout
+
+# The layout of a cache of a CacheInfo (its datasets, their shapes and dtypes, the checks of stored records)
+# lives in kdcache.cache.layout and is re-exported here, where the schema is written down.
+__all__ = ["BOX_SLACK", "FORMAT_VERSION", "READ_VERSIONS", "CacheInfo", "check_datasets", "file_version",
+           "info_attrs", "info_codec", "info_from_attrs", "layout", "library_versions", "plain_attr", "record_bytes",
+           "record_faults", "record_layout", "settings_mismatch"]
 
 FORMAT_VERSION = 2  # the newest version written; see 'Versions' above
 READ_VERSIONS = (1, 2)
 CHUNK_BYTES = 64 * 1024
-BOX_SLACK = 1e-6  # float32 fractions of integer pixel boxes may overshoot 1 by rounding
 
 
 @dataclass(frozen=True)
@@ -198,6 +246,7 @@ class CacheInfo:
     content_hash: str = "head-tail-64k"  # the scheme of content_hashes and the fingerprint (see kdcache.data)
     # Format version 2: crops derived on read, not stored, and top-k's log-sum-exp in float16 (see Versions).
     compact: bool = False
+    recipe: str = ""  # Recipe.to_json(): '' is crop and flip only; anything else makes the file version 2
 
     def settings(self) -> dict:
         """The fields a resumed dump must agree on (all but the checkpoint path)."""
@@ -235,17 +284,24 @@ _ATTRS: dict[str, tuple[Callable[[Any], Any], Callable[[Any], bool], str]] = {
     "class_names": (names_json, *_ANY),  # checked against num_classes below
     "content_hash": (text, lambda v: v != "", "not empty"),
     "compact": (boolean, *_ANY),
+    "recipe": (text, lambda v: _is_recipe(v), "'' or a JSON recipe of kdcache.config.Recipe"),
 }
 
 
 def file_version(info: CacheInfo) -> int:
     """The lowest format version that describes a cache of `info` (1 unless it uses a version-2 addition)."""
-    return 2 if info.compact else 1
+    return 2 if info.compact or info.recipe else 1
 
 
-def info_codec(info: CacheInfo) -> StoreCodec:
-    """The codec of the teacher targets of a cache of `info` (its store, and compact or not)."""
-    return store_codec(info.store, info.num_classes, compact=info.compact)
+def _is_recipe(value: str) -> bool:
+    from ..config import Recipe
+    from ..errors import ConfigError
+
+    try:
+        Recipe.from_json(value)
+    except ConfigError:
+        return False
+    return True
 
 
 def attr_error(name: str, value: Any, expected: str) -> str:
@@ -288,7 +344,10 @@ def info_from_attrs(attrs: Mapping[str, Any]) -> CacheInfo:
 
 def info_attrs(info: CacheInfo) -> dict[str, Any]:
     """The root attributes that record `info` (the inverse of :func:`info_from_attrs`)."""
-    return {key: json.dumps(list(value)) if key == "class_names" else value for key, value in asdict(info).items()}
+    attrs = {key: json.dumps(list(value)) if key == "class_names" else value for key, value in asdict(info).items()}
+    if not attrs["recipe"]:
+        del attrs["recipe"]  # the default recipe: the file is written as before, attribute for attribute
+    return attrs
 
 
 def plain_attr(value: object) -> object:
@@ -308,68 +367,13 @@ def settings_mismatch(found: dict, wanted: dict) -> str:
 
 def library_versions() -> str:
     """The versions that wrote a file, as a JSON object."""
+    import PIL
     import timm
     import torch
+    import torchvision
 
     from .. import __version__
 
-    return json.dumps({"kdcache": __version__, "torch": torch.__version__, "timm": timm.__version__,
+    return json.dumps({"kdcache": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+                       "timm": timm.__version__, "Pillow": PIL.__version__,
                        "h5py": h5py.__version__, "hdf5": h5py.version.hdf5_version, "numpy": np.__version__})
-
-
-# The layout: every dataset of a cache with its full shape and dtype.
-
-def record_layout(info: CacheInfo) -> Layout:
-    """Per-record shape and dtype of the per-view datasets: crop box and flip (unless compact), the store's targets."""
-    crops = {} if info.compact else {"crops": ((4,), np.dtype(np.float32)), "flips": ((), np.dtype(np.uint8))}
-    return {**crops, **info_codec(info).datasets(info.num_classes)}
-
-
-def layout(info: CacheInfo) -> Layout:
-    """Every dataset of a cache of `info`, with its shape and dtype."""
-    n, k = info.num_samples, info.num_views
-    per_view = {name: ((n, k) + shape, dtype) for name, (shape, dtype) in record_layout(info).items()}
-    return {"sample_ids": ((n,), np.dtype(np.int64)),
-            "labels": ((n,), np.dtype(np.int64)),
-            "content_hashes": ((n,), np.dtype(np.uint64)),
-            "done": ((n,), np.dtype(np.uint8)),
-            **per_view,
-            **(witness_layout(n) if info.compact else {})}
-
-
-def record_bytes(info: CacheInfo) -> float:
-    """Bytes stored per (image, view): the targets, and the crop box and flip unless the cache is compact."""
-    return sum(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize for shape, dtype in record_layout(info).values())
-
-
-def record_faults(arrays: Mapping[str, np.ndarray], codec: StoreCodec,
-                  num_classes: int) -> list[tuple[str, np.ndarray]]:
-    """(what is wrong, mask over the records) for every check a stored record can fail.
-
-    `arrays` hold records in their stored form with any leading shape (a batch
-    (B,) of one view, or rows (R, K)); checks of datasets not in `arrays` are
-    skipped. Vectorised and cheap: the reader runs it on every batch.
-    """
-    faults = []
-    if "crops" in arrays:
-        top, left, height, width = np.moveaxis(np.asarray(arrays["crops"], dtype=np.float64), -1, 0)
-        inside = ((top >= 0) & (left >= 0) & (height > 0) & (width > 0)
-                  & (top + height <= 1 + BOX_SLACK) & (left + width <= 1 + BOX_SLACK))
-        faults.append(("the crop box is not a box inside the image", ~inside))  # NaN fails every comparison
-    if "flips" in arrays:
-        faults.append(("the flip flag is not 0 or 1", np.asarray(arrays["flips"]) > 1))
-    if all(name in arrays for name in codec.datasets(num_classes)):
-        faults += codec.faults(arrays, num_classes)
-    return faults
-
-
-def check_datasets(h5: h5py.File, info: CacheInfo, path: Path) -> None:
-    """Every dataset of the layout of `info` exists in `h5` with its shape and dtype."""
-    for name, (shape, dtype) in layout(info).items():
-        with worded(path, f"dataset '{name}'"):
-            if name not in h5:
-                raise CacheError(f"{path}: dataset '{name}' is missing")
-            ds = h5[name]
-            found = (ds.shape, ds.dtype)
-        if found != (shape, dtype):
-            raise CacheError(f"{path}: dataset '{name}' is {found[0]} {found[1]}, expected {shape} {dtype}")

@@ -18,6 +18,7 @@ from ..report import Progress
 from .format import FORMAT_VERSION, READ_VERSIONS, CacheInfo, attr_error, check_datasets, info_codec, info_from_attrs, \
     plain_attr, record_bytes, record_faults, record_layout
 from .hdf5 import DAMAGED, DamagedChunk, FileIdentity, open_h5, read_rows, worded
+from .params import params_codec
 from .witness import witness_layout, witness_mismatch
 
 # A cache smaller than this is read into memory by default; reads then cost nothing.
@@ -85,6 +86,8 @@ class CacheReader:
         self.target_names = tuple(self.codec.datasets(self.info.num_classes))
         # The per-view datasets: crops and flips (unless compact), then the targets.
         self.record_names = tuple(record_layout(self.info))
+        self.params = params_codec(self.info.recipe)  # the recipe's per-view parameters, part of record_names
+        self.recipe = self.params.recipe
         self.ranges = CropRanges(scale=self.info.crop_scale, ratio=self.info.crop_ratio, hflip=self.info.hflip)
         differ = witness_mismatch(self.info, self.witness) if self.info.compact else ""
         if differ:
@@ -188,7 +191,7 @@ class CacheReader:
         """The mask of invalid records in `arrays` (records of `rows`, one view or all) and the first few, worded."""
         bad = None
         examples = []
-        for what, mask in record_faults(arrays, self.codec, self.info.num_classes):
+        for what, mask in record_faults(arrays, self.codec, self.info.num_classes, self.params):
             bad = mask if bad is None else bad | mask
             for hit in np.argwhere(mask)[:EXAMPLES - len(examples)]:
                 examples.append(f"{self._record(int(rows[hit[0]]), view if view is not None else int(hit[1]))}: {what}")
@@ -201,7 +204,14 @@ class CacheReader:
 
     def read(self, rows: np.ndarray, view: int,
              sizes: Sequence[tuple[int, int]] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Crops (B,4), flips (B,) and full float32 logits (B,C) of view `view` for `rows`.
+        """Crops (B,4), flips (B,) and full float32 logits (B,C) of view `view` for `rows` (see :meth:`read_records`)."""
+        records = self.read_records(rows, view, sizes)
+        return records["crops"], records["flips"], records["teacher_logits"]
+
+    def read_records(self, rows: np.ndarray, view: int,
+                     sizes: Sequence[tuple[int, int]] | None = None) -> dict[str, np.ndarray]:
+        """The records of view `view` for `rows`: ``crops`` (B,4), ``flips`` (B,) bool, the recipe's
+        parameters (B, ...) as stored, and ``teacher_logits``, full float32 (B,C).
 
         Rows are read in sorted order (as HDF5 requires) and returned in the
         order asked. An invalid record (non-finite logits, a box outside the
@@ -210,20 +220,21 @@ class CacheReader:
         each row's image, which it then needs (a cache that stores crops ignores them).
         """
         rows = np.asarray(rows, dtype=np.int64)
+        records = self._read_records(rows, view)
         if not self.stores_crops:
             if sizes is None or len(sizes) != len(rows):
                 raise ValueError(f"{self.path} is a compact cache: read() needs the (height, width) of each row's "
                                  "image to derive its crops")
             boxes, flips = sample_crops(self.info.seed, self.sample_ids[rows], list(sizes), view, self.ranges)
-            return boxes, flips, self.read_logits(rows, view)
-        return self._read_records(rows, view)
+            records.update(crops=boxes, flips=flips)
+        return records
 
     def read_logits(self, rows: np.ndarray, view: int) -> np.ndarray:
         """Full float32 logits (B,C) of view `view` for `rows` (in the order asked), without their crops."""
-        return self._read_records(np.asarray(rows, dtype=np.int64), view)[2]
+        return self._read_records(np.asarray(rows, dtype=np.int64), view)["teacher_logits"]
 
-    def _read_records(self, rows: np.ndarray, view: int) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray]:
-        """The stored crops and flips (None in a compact cache) and the decoded logits of `rows`."""
+    def _read_records(self, rows: np.ndarray, view: int) -> dict[str, np.ndarray]:
+        """The stored records of `rows` (no crops and flips in a compact cache), with the decoded logits."""
         order = np.argsort(rows, kind="stable")
         unique, inverse = np.unique(rows[order], return_inverse=True)
         arrays = self._arrays()
@@ -236,9 +247,10 @@ class CacheReader:
         undo[order] = np.arange(len(order))
         picked = {name: value[inverse][undo] for name, value in picked.items()}
         logits = self.codec.decode({k: picked[k] for k in self.target_names}, self.info.num_classes)
-        if not self.stores_crops:
-            return None, None, logits
-        return picked["crops"], picked["flips"].astype(bool), logits
+        records = {name: picked[name] for name in self.params.names}
+        if self.stores_crops:
+            records.update(crops=picked["crops"], flips=picked["flips"].astype(bool))
+        return {**records, "teacher_logits": logits}
 
     def stored(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows ``[start, stop)`` of dataset `name` exactly as stored (to copy a cache bit for bit)."""

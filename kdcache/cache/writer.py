@@ -23,6 +23,7 @@ from .format import CHUNK_BYTES, CacheInfo, check_datasets, file_version, info_a
     layout, library_versions, plain_attr, record_bytes, record_faults, settings_mismatch
 from .hdf5 import CHECKSUM_FAILED, H5_ERRORS, detail, worded
 from .reader import CacheReader
+from .params import params_codec
 from .witness import witness_mismatch
 
 _FLETCHER32_SKIPPED = 1  # a chunk's filter mask with the pipeline's first (and only) filter, fletcher32, not applied
@@ -105,6 +106,7 @@ class CacheWriter:
         self.partial = self.path.with_name(self.path.name + ".partial")
         self.info = info
         self.codec = info_codec(info)
+        self.params = params_codec(info.recipe)
         try:
             info_from_attrs(info_attrs(info))
         except ValueError as e:
@@ -219,7 +221,7 @@ class CacheWriter:
         for lo in range(0, n, rows):
             hi = min(n, lo + rows)
             block = {name: source.stored(name, lo, hi) for name in names}
-            for what, mask in record_faults(block, self.codec, self.info.num_classes):
+            for what, mask in record_faults(block, self.codec, self.info.num_classes, self.params):
                 if mask.any():
                     r, v = np.argwhere(mask)[0][:2]
                     raise CacheError(f"{source.path}: row {lo + int(r)} view {int(v)}: {what}; the cache is "
@@ -317,12 +319,11 @@ class CacheWriter:
         """Rows still to compute, in order."""
         return np.flatnonzero(~self._done)
 
-    def write(self, rows: np.ndarray, crops: np.ndarray, flips: np.ndarray, logits: np.ndarray) -> None:
-        """Store the views of `rows` (increasing) that this writer fills, then mark the rows done and flush.
-
-        Those are all K views, or in a growth the views from :attr:`first_view` on (not `crops`, `flips` if compact).
-        """
+    def write(self, rows: np.ndarray, crops: np.ndarray, flips: np.ndarray, logits: np.ndarray,
+              params: dict[str, np.ndarray] | None = None) -> None:
+        """Store `rows`' views (from :attr:`first_view`): crops unless compact, the recipe's `params`, logits."""
         stored = {} if self.info.compact else {"crops": crops.astype(np.float32), "flips": flips.astype(np.uint8)}
+        stored.update({name: np.asarray(params[name]).astype(self.layout[name][1]) for name in self.params.names})
         self.write_stored(rows, {**stored, **self.codec.encode(logits)})
 
     def write_stored(self, rows: np.ndarray, arrays: dict[str, np.ndarray]) -> None:
@@ -334,7 +335,7 @@ class CacheWriter:
         the image, ...) are refused here, before anything is written.
         """
         rows = np.asarray(rows)
-        for what, mask in record_faults(arrays, self.codec, self.info.num_classes):
+        for what, mask in record_faults(arrays, self.codec, self.info.num_classes, self.params):
             if mask.any():
                 r, v = np.argwhere(mask)[0][:2]
                 raise CacheError(f"refusing to write row {int(rows[r])} view {self.first_view + int(v)} to "

@@ -1,0 +1,166 @@
+"""Function matching offline (issue 11): today's crop-and-flip cached KD against the full recipe, cached and online.
+
+    python benchmarks/recipe_study.py benchmarks/recipe_cifar.json
+    python benchmarks/recipe_study.py benchmarks/recipe_smoke.json   # minutes on a CPU: checks the script
+
+A config names a study config of benchmarks/study.py as its "base" (data,
+teacher, input size, batch, optimizer, crop ranges, alpha and T come from
+it, and its trained teacher is reused when it exists) and adds:
+
+* "recipe": Recipe fields (e.g. mixup 0.8, cutmix 1.0, aa rand-m9-mstd0.5-inc1, reprob 0.25), "smoothing";
+* "students", "seeds", "epochs" (long enough for strong augmentation to matter, e.g. 30), "views" (K);
+* "sweep_student" and "views_sweep": K values, "epoch" meaning one view per epoch (K = epochs).
+
+For every student and seed it trains: crop-and-flip cached KD (``cached``),
+and under the recipe plain training (``fm-plain``), cached KD (``fm-cached``)
+and online KD (``fm-online``); a seed is the whole run's (the dump's views,
+the student's init and order). Each run's metrics.json is its record, so an
+interrupted study resumes. Writes OUT/report.md and OUT/results.json (top-1,
+mAP as mean ± sd over seeds, the cached-online gap, img/s per mode).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from kdcache.config import CropRanges, DumpConfig, Recipe, RunOptions, TrainConfig
+from kdcache.report import RichProgress
+from kdcache.teacher import dump
+from kdcache.train import fit
+
+sys.path.insert(0, str(Path(__file__).parent))
+from study import metrics_of, optims, prepare_data  # noqa: E402
+
+MODES = ("cached", "fm-plain", "fm-cached", "fm-online")
+
+
+def load_config(path: str) -> dict:
+    """The recipe config over its base study config (the recipe config's keys win)."""
+    cfg = json.loads(Path(path).read_text())
+    base = Path(path).parent / cfg["base"]
+    merged = {**json.loads(base.read_text()), **cfg}
+    merged["base_name"] = json.loads(base.read_text())["name"]
+    return merged
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config")
+    parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "kdcache-data"))
+    args = parser.parse_args()
+    cfg = load_config(args.config)
+    name = cfg["name"]
+    out = Path(cfg.get("out", f"benchmarks/results/recipe-{name}"))
+    runs = Path(cfg.get("runs", f"runs/recipe-{name}"))
+    optim, teacher_optim = optims(cfg)
+    data = prepare_data(cfg["data"], Path(args.cache_dir))
+    progress = RichProgress()
+    crops = CropRanges(scale=tuple(cfg["crop_scale"]), hflip=cfg.get("hflip", 0.5))
+    recipe = Recipe(**cfg["recipe"])
+    hardware = {k: cfg[k] for k in ("workers", "device", "amp") if k in cfg}
+    base_run = RunOptions(data=data, img_size=cfg["img_size"], batch_size=cfg["batch_size"], seed=0, **hardware)
+    epochs = cfg["epochs"]
+    records: dict[str, dict] = {}
+
+    def run_of(seed: int) -> RunOptions:
+        return RunOptions(**{**base_run.__dict__, "seed": seed})
+
+    # The teacher: the base study's when it has one, else trained here once (plain, crop and flip).
+    teacher_out = Path(cfg.get("teacher_run", f"runs/study-{cfg['base_name']}/teacher"))
+    teacher = metrics_of(teacher_out)
+    if teacher is None:
+        teacher_out = runs / "teacher"
+        teacher = metrics_of(teacher_out) or fit(TrainConfig(
+            model=cfg["teacher"], out=str(teacher_out), run=base_run, optim=teacher_optim,
+            epochs=cfg["teacher_epochs"], crops=crops), progress)
+    checkpoint = teacher["checkpoint"]
+
+    def cache(views: int, seed: int, with_recipe: bool) -> str:
+        path = runs / f"teacher-K{views}-{'fm' if with_recipe else 'cropflip'}-seed{seed}.h5"
+        if not path.exists():
+            print(f"== dump {path.name}", file=sys.stderr)
+            dump(DumpConfig(teacher=cfg["teacher"], checkpoint=checkpoint, out=str(path), views=views, crops=crops,
+                            recipe=recipe if with_recipe else Recipe(), run=run_of(seed)), progress)
+        return str(path)
+
+    def train(key: str, model: str, seed: int, with_recipe: bool, **mode) -> None:
+        target = runs / key
+        done = metrics_of(target)
+        if done is None:
+            print(f"== {key}", file=sys.stderr)
+            done = fit(TrainConfig(model=model, out=str(target), run=run_of(seed), optim=optim, epochs=epochs,
+                                   crops=crops, alpha=cfg["alpha"], temperature=cfg["temperature"],
+                                   recipe=recipe if with_recipe else Recipe(),
+                                   smoothing=cfg.get("smoothing", 0.0) if with_recipe else 0.0, **mode), progress)
+        records[key] = done
+
+    online = {"online_teacher": cfg["teacher"], "teacher_checkpoint": checkpoint}
+    k = cfg["views"]
+    for student in cfg["students"]:
+        for seed in cfg["seeds"]:
+            train(f"{student}-cached-seed{seed}", student, seed, False, cached=cache(k, seed, False))
+            train(f"{student}-fm-plain-seed{seed}", student, seed, True)
+            train(f"{student}-fm-cached-seed{seed}", student, seed, True, cached=cache(k, seed, True))
+            train(f"{student}-fm-online-seed{seed}", student, seed, True, **online)
+    sweep = cfg.get("sweep_student")
+    for seed in cfg["seeds"] if sweep else []:
+        for kv in cfg["views_sweep"]:
+            kk = epochs if kv == "epoch" else int(kv)
+            key = f"{sweep}-fm-cached-seed{seed}" if kk == k else f"{sweep}-fm-cached-K{kk}-seed{seed}"
+            train(key, sweep, seed, True, cached=cache(kk, seed, True))
+    write_report(cfg, out, teacher, records)
+
+
+def _stats(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "values": values}
+
+
+def _cell(s: dict) -> str:
+    return f"{s['mean']:.2f} ± {s['sd']:.2f}"
+
+
+def write_report(cfg: dict, out: Path, teacher: dict, records: dict) -> None:
+    """report.md and results.json: per student and mode, top-1 / mAP / img/s over the seeds; the views sweep."""
+    seeds = cfg["seeds"]
+    table = {}
+    for student in cfg["students"]:
+        for mode in MODES:
+            runs = [records[f"{student}-{mode}-seed{s}"] for s in seeds if f"{student}-{mode}-seed{s}" in records]
+            if runs:
+                table[f"{student} {mode}"] = {m: _stats([r[m] for r in runs]) for m in
+                                              ("top1", "mAP", "images_per_second")}
+    sweep = {}
+    if cfg.get("sweep_student"):
+        for kv in cfg["views_sweep"]:
+            kk = cfg["epochs"] if kv == "epoch" else int(kv)
+            tag = "" if kk == cfg["views"] else f"-K{kk}"
+            runs = [records[key] for s in seeds if (key := f"{cfg['sweep_student']}-fm-cached{tag}-seed{s}") in records]
+            if runs:
+                sweep[f"K={kk}" + (" (one view per epoch)" if kv == "epoch" else "")] = {
+                    m: _stats([r[m] for r in runs]) for m in ("top1", "mAP")}
+    out.mkdir(parents=True, exist_ok=True)
+    results = {"config": cfg, "teacher": {k: teacher.get(k) for k in ("model", "top1", "mAP")}, "table": table,
+               "views_sweep": sweep}
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    lines = [f"# Function matching offline: {cfg['name']}", "",
+             f"Data: {cfg['data'].get('description', '')}. Teacher {teacher.get('model')} (top-1 "
+             f"{teacher.get('top1', float('nan')):.2f} %). {cfg['epochs']} epochs, K = {cfg['views']}, seeds "
+             f"{seeds}; recipe {json.dumps(cfg['recipe'])}, smoothing {cfg.get('smoothing', 0.0)}.", "",
+             "| student / mode | top-1 % | mAP % | img/s |", "|---|---|---|---|"]
+    lines += [f"| {key} | {_cell(v['top1'])} | {_cell(v['mAP'])} | {v['images_per_second']['mean']:.0f} |"
+              for key, v in table.items()]
+    if sweep:
+        lines += ["", f"Views sweep ({cfg['sweep_student']}, fm-cached)", "", "| K | top-1 % | mAP % |",
+                  "|---|---|---|"]
+        lines += [f"| {key} | {_cell(v['top1'])} | {_cell(v['mAP'])} |" for key, v in sweep.items()]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
