@@ -128,14 +128,17 @@ def train_teacher(model: str, epochs: int, out: str, pretrained: bool, checkpoin
               help="Seeded crops per image (a student epoch e uses view e mod K). On an existing cache of the "
                    "same settings with fewer views, adds the missing views (the others are kept, not recomputed).")
 @click.option("--store", default="fp16", show_default=True, help="Logit storage: fp16, fp32 or topk:K.")
+@click.option("--features", default="", help="Also store teacher features per view: pooled (the pre-logits "
+              "embedding), attention:S (an S x S attention map of the last feature map) or both, e.g. "
+              "pooled,attention:7; float32 with --store fp32, else float16. [default: none]")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="The cache file to write (.h5).")
 @click.option("--force", is_flag=True,
               help="Overwrite an existing cache, and discard a partial dump made with other settings.")
 @run_options(default_batch=256, batch_help="Crops per teacher forward pass (images x views).",
              img_help="Input size in pixels. [default: 224]")
 @crop_options
-def dump_teacher(teacher: str, checkpoint: str | None, pretrained: bool, views: int, store: str, out: str,
-                 force: bool, **o: Any) -> None:
+def dump_teacher(teacher: str, checkpoint: str | None, pretrained: bool, views: int, store: str, features: str,
+                 out: str, force: bool, **o: Any) -> None:
     """Run the teacher once over K seeded views of every training image into one HDF5 cache.
 
     The crop of (seed, sample id, view) is stored with the teacher's logits, so
@@ -158,7 +161,7 @@ def dump_teacher(teacher: str, checkpoint: str | None, pretrained: bool, views: 
     from .teacher import dump
 
     config = DumpConfig(teacher=teacher, out=out, run=run_config(o), checkpoint=checkpoint, pretrained=pretrained,
-                        views=views, crops=crop_ranges(o), store=store, force=force)
+                        views=views, crops=crop_ranges(o), store=store, force=force, features=features)
     main_process = _is_main()
     if checkpoint is None and not pretrained and main_process:
         click.echo("note: no --checkpoint or --pretrained: the teacher has random weights", err=True)
@@ -190,6 +193,14 @@ def dump_teacher(teacher: str, checkpoint: str | None, pretrained: bool, views: 
               help="Weight of the label cross-entropy, in [0, 1]; 1 - alpha weighs the KD term.")
 @click.option("--temperature", type=float, default=TrainConfig.temperature,
               show_default=True, help="Softmax temperature T (> 0) of the KD term (scaled by T^2).")
+@click.option("--feature-loss", type=click.Choice(["mse", "cosine", "attention"]), default=None,
+              help="Add a feature term: mse or cosine between the student's pooled embedding (through a learned "
+                   "projector, saved as OUT/projector.safetensors) and the teacher's, or attention transfer "
+                   "between S x S attention maps. Cached mode needs a cache dumped with --features.")
+@click.option("--feature-weight", type=float, default=TrainConfig.feature_weight, show_default=True,
+              help="Weight (>= 0) of the feature term added to the loss.")
+@click.option("--attention-size", type=int, default=None,
+              help="S of the attention maps with --online-teacher. [default: the cache's S in cached mode]")
 @click.option("--pretrained", is_flag=True, help="Start the student from timm's pretrained weights.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), default=None, help="Start the student from local weights.")
 @click.option("--views-per-step", type=int, default=TrainConfig.views_per_step, show_default=True,
@@ -201,7 +212,8 @@ def dump_teacher(teacher: str, checkpoint: str | None, pretrained: bool, views: 
 def train_student(model: str, epochs: int, out: str, cached: tuple[str, ...],
                   teacher_weights: tuple[tuple[float, ...], ...], preload: bool | None,
                   online_teacher: str | None, teacher_checkpoint: str | None, teacher_pretrained: bool, alpha: float,
-                  temperature: float, pretrained: bool, checkpoint: str | None, views_per_step: int, **o: Any) -> None:
+                  temperature: float, feature_loss: str | None, feature_weight: float, attention_size: int | None,
+                  pretrained: bool, checkpoint: str | None, views_per_step: int, **o: Any) -> None:
     """Train a student: plain, with cached KD (--cached) or with online KD (--online-teacher).
 
     \b
@@ -228,7 +240,8 @@ def train_student(model: str, epochs: int, out: str, cached: tuple[str, ...],
                        alpha=alpha, temperature=temperature, cached=cached,
                        teacher_weights=tuple(w for ws in teacher_weights for w in ws) or None, preload=preload,
                        online_teacher=online_teacher, teacher_checkpoint=teacher_checkpoint,
-                       teacher_pretrained=teacher_pretrained), "student")
+                       teacher_pretrained=teacher_pretrained, feature_loss=feature_loss,
+                       feature_weight=feature_weight, attention_size=attention_size), "student")
 
 
 @main.command()

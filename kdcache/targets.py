@@ -34,6 +34,7 @@ from .config import CropRanges, TrainConfig
 from .data import ImageSet
 from .devices import channels_last
 from .errors import CacheError
+from .features import FeatureSpec, model_outputs, pooled_width, target_kind
 from .losses import ensemble_logits
 from .models import build, check_input_size, file_sha256
 from .report import Progress
@@ -57,18 +58,20 @@ class SeededViews:
 
 
 class CachedViews:
-    """Crops and teacher logits read from a cache, with ``view = slot mod K`` (slot: the epoch when M = 1)."""
+    """Crops and teacher logits (and the features `kinds`) read from a cache, with ``view = slot mod K``."""
 
-    def __init__(self, reader: CacheReader) -> None:
+    def __init__(self, reader: CacheReader, kinds: Sequence[str] = ()) -> None:
         self.reader = reader
+        self.kinds = tuple(kinds)
 
     def view(self, slot: int) -> int:
         """The cached view of view slot ``epoch * views_per_step + j``; views repeat after K slots."""
         return slot % self.reader.info.num_views
 
     def fetch(self, rows: np.ndarray, ids: np.ndarray, sizes: list[tuple[int, int]], view: int) -> dict:
-        boxes, flips, logits = self.reader.read(rows, view)
-        return {"boxes": boxes, "flips": flips, "teacher_logits": torch.from_numpy(logits)}
+        boxes, flips, logits, features = self.reader.read_targets(rows, view)
+        return {"boxes": boxes, "flips": flips, "teacher_logits": torch.from_numpy(logits),
+                **{f"teacher_{kind}": torch.from_numpy(features[kind]) for kind in self.kinds}}
 
 
 class EnsembleViews:
@@ -111,10 +114,16 @@ class TargetSource:
     prep: Preprocess | None = None
     crops: CropRanges
     record: dict
+    # The teacher feature the run distils, if any, and its size: {'pooled': D} or {'attention': S}.
+    feature_sizes: dict[str, int] = {}
 
     def teacher_logits(self, batch: dict, inputs: torch.Tensor) -> torch.Tensor | None:
         """Teacher logits for `batch` (already on the device as `inputs`), or None."""
         return None
+
+    def teacher_targets(self, batch: dict, inputs: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        """The teacher's targets for `batch`: ``logits`` (None in plain mode) and the distilled feature, if any."""
+        return {"logits": self.teacher_logits(batch, inputs)}
 
 
 class PlainTargets(TargetSource):
@@ -139,12 +148,16 @@ class CachedTargets(TargetSource):
     mode = "cached"
 
     def __init__(self, readers: CacheReader | Sequence[CacheReader], img_size: int | None = None,
-                 weights: Sequence[float] | None = None, temperature: float = 1.0) -> None:
+                 weights: Sequence[float] | None = None, temperature: float = 1.0,
+                 feature_loss: str | None = None) -> None:
         readers = [readers] if isinstance(readers, CacheReader) else list(readers)
         first = readers[0]
         weights = tuple(weights) if weights is not None else (1.0 / len(readers),) * len(readers)
         self.readers = readers
-        self.views = CachedViews(first) if len(readers) == 1 else EnsembleViews(readers, weights, temperature)
+        if feature_loss is not None:
+            self.feature_sizes = cached_feature_size(first, feature_loss)
+        kinds = tuple(self.feature_sizes)
+        self.views = CachedViews(first, kinds) if len(readers) == 1 else EnsembleViews(readers, weights, temperature)
         self.prep = preprocess_of_cache(first, img_size)
         self.crops = ranges_of_cache(first)  # cached crops follow the dump's ranges
         infos = [r.info for r in readers]
@@ -157,6 +170,21 @@ class CachedTargets(TargetSource):
     def teacher_logits(self, batch: dict, inputs: torch.Tensor) -> torch.Tensor:
         return batch["teacher_logits"].to(inputs.device, non_blocking=True)
 
+    def teacher_targets(self, batch: dict, inputs: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        return {"logits": self.teacher_logits(batch, inputs),
+                **{k: batch[f"teacher_{k}"].to(inputs.device, non_blocking=True) for k in self.feature_sizes}}
+
+
+def cached_feature_size(reader: CacheReader, feature_loss: str) -> dict[str, int]:
+    """{kind: size} of the feature `feature_loss` needs, from `reader`; a cache without it is refused in one line."""
+    kind = target_kind(feature_loss)
+    stored = {f.kind: f.size for f in reader.features}
+    if kind not in stored:
+        option = "pooled" if kind == "pooled" else "attention:S"
+        raise CacheError(f"{reader.path} stores no {kind} features, which --feature-loss {feature_loss} needs; "
+                         f"dump it again with dump-teacher --features {option}")
+    return {kind: stored[kind]}
+
 
 class OnlineTeacher(TargetSource):
     """A live teacher run on exactly the crops the student sees."""
@@ -164,8 +192,11 @@ class OnlineTeacher(TargetSource):
     mode = "online"
 
     def __init__(self, teacher: nn.Module, seed: int, ranges: CropRanges, amp_dtype: torch.dtype | None = None,
-                 prep: Preprocess | None = None, record: dict | None = None) -> None:
+                 prep: Preprocess | None = None, record: dict | None = None,
+                 feature_sizes: dict[str, int] | None = None) -> None:
         self.teacher = teacher.eval()
+        self.feature_sizes = dict(feature_sizes or {})
+        self.spec = FeatureSpec(pooled="pooled" in self.feature_sizes, attention=self.feature_sizes.get("attention", 0))
         self.views = SeededViews(seed, ranges)
         self.amp_dtype = amp_dtype
         self.prep = prep
@@ -174,8 +205,14 @@ class OnlineTeacher(TargetSource):
 
     @torch.no_grad()  # not inference_mode: the loss saves these logits for backward
     def teacher_logits(self, batch: dict, inputs: torch.Tensor) -> torch.Tensor:
+        return self.teacher_targets(batch, inputs)["logits"]
+
+    @torch.no_grad()
+    def teacher_targets(self, batch: dict, inputs: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        """The same computation as the dump's (:func:`kdcache.features.model_outputs`), on the student's crops."""
         with torch.autocast(inputs.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-            return self.teacher(inputs).float()
+            logits, features = model_outputs(self.teacher, inputs, self.spec)
+        return {"logits": logits.float(), **{k: v.float() for k, v in features.items()}}
 
 
 def preprocess_of_cache(reader: CacheReader, size: int | None = None) -> Preprocess:
@@ -325,7 +362,7 @@ def create_target_source(config: TrainConfig, readers: CacheReader | Sequence[Ca
         check_caches_agree(readers)
         _note_sizes(readers, img_size, progress)
         _note_view_reuse(config, min(r.info.num_views for r in readers), progress)
-        return CachedTargets(readers, img_size, config.teacher_weights, config.temperature)
+        return CachedTargets(readers, img_size, config.teacher_weights, config.temperature, config.feature_loss)
     if config.online_teacher:
         teacher = build(config.online_teacher, train.num_classes, img_size, pretrained=config.teacher_pretrained,
                         checkpoint=config.teacher_checkpoint).to(device)
@@ -334,6 +371,10 @@ def create_target_source(config: TrainConfig, readers: CacheReader | Sequence[Ca
         record = {"teacher": config.online_teacher,
                   "teacher_checkpoint_sha256": file_sha256(config.teacher_checkpoint) if config.teacher_checkpoint
                   else ""}
+        sizes = {}
+        if config.feature_loss is not None:
+            kind = target_kind(config.feature_loss)
+            sizes = {kind: config.attention_size if kind == "attention" else pooled_width(teacher, img_size)}
         return OnlineTeacher(teacher, config.run.seed, config.crops, amp, Preprocess.for_model(teacher, img_size),
-                             record)
+                             record, sizes)
     return PlainTargets(config.run.seed, config.crops)

@@ -33,6 +33,18 @@ Teacher targets, by ``store`` (one codec each, see :mod:`kdcache.cache.stores`):
                      approximation is exact for the top k classes' order and loses
                      only the shape of the tail.
 
+Teacher features, optional, by the ``features`` attribute (a JSON list; absent:
+none; one codec each, see :mod:`kdcache.cache.features`), float32 in an ``fp32``
+cache and float16 otherwise, all finite, computed on the view the teacher saw
+(see :mod:`kdcache.features`):
+
+``pooled:D``         ``features_pooled`` (N,K,D): the pooled pre-logits embedding.
+``attention:S``      ``features_attention`` (N,K,S,S): the last feature map's channel
+                     mean of squared activations, average-pooled to S x S.
+
+A reader that ignores them reads the logits as before, so they keep the
+version (see 'Versions').
+
 Every dataset is chunked along N only (whole images, all views), with chunks
 of about 64 KiB, and allocated when the file is created, so later writes touch
 raw data only and a killed dump leaves readable metadata. Files written after
@@ -57,7 +69,8 @@ optionally, ``content_hash`` (the scheme of ``content_hashes`` and of the
 fingerprint; a file without it reads as ``head-tail-64k``: file size plus the
 first and last 64 KiB). A cache grown from one of fewer views (below) also
 records ``grown_from_views`` (int, the K it had); readers ignore it, and a file
-without it was dumped in one go. The reader checks every attribute's type and
+without it was dumped in one go. ``features`` (above) is absent when none are
+stored. The reader checks every attribute's type and
 range on open (:func:`info_from_attrs`).
 
 A dump writes ``OUT.partial`` and renames it to ``OUT`` when complete.
@@ -117,16 +130,18 @@ different batch composition (see :mod:`kdcache.parts`).
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import h5py
 import numpy as np
 
 from ..errors import CacheError
+from .attrs import boolean as _boolean, finite as _finite, integer as _integer, names as _names, \
+    number as _number, numbers as _numbers, text as _text
+from .features import FeatureCodec, decode_feature_list, feature_codecs
 from .hdf5 import worded
 from .stores import Layout, StoreCodec, store_codec
 
@@ -163,6 +178,7 @@ class CacheInfo:
     class_names: tuple[str, ...]
     # Optional attributes: a file without one reads as the default, so adding one keeps format version 1.
     content_hash: str = "head-tail-64k"  # the scheme of content_hashes and the fingerprint (see kdcache.data)
+    features: tuple[str, ...] = ()  # stored teacher features, e.g. ('pooled:320', 'attention:7'); () when none
 
     def settings(self) -> dict:
         """The fields a resumed dump must agree on (all but the checkpoint path)."""
@@ -173,58 +189,6 @@ class CacheInfo:
 
 # The attributes codec: each CacheInfo field's decoder (HDF5 value -> Python, TypeError when of another type)
 # and its range, so a damaged or hostile file fails on open with one line instead of deep inside a run.
-
-def _integer(v: Any) -> int:
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
-        raise TypeError("an integer")
-    return int(v)
-
-
-def _boolean(v: Any) -> bool:
-    if not isinstance(v, (bool, np.bool_)):
-        raise TypeError("a boolean")
-    return bool(v)
-
-
-def _number(v: Any) -> float:
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
-        raise TypeError("a number")
-    return float(v)
-
-
-def _text(v: Any) -> str:
-    if isinstance(v, bytes):
-        try:
-            return v.decode()
-        except UnicodeDecodeError:
-            raise TypeError("UTF-8 text") from None
-    if not isinstance(v, str):
-        raise TypeError("text")
-    return v
-
-
-def _numbers(n: int) -> Callable[[Any], tuple[float, ...]]:
-    def decode(v: Any) -> tuple[float, ...]:
-        a = np.asarray(v) if isinstance(v, (list, tuple, np.ndarray)) else None
-        if a is None or a.shape != (n,) or a.dtype.kind not in "iuf":
-            raise TypeError(f"{n} numbers")
-        return tuple(float(x) for x in a)
-    return decode
-
-
-def _names(v: Any) -> tuple[str, ...]:
-    try:
-        names = json.loads(_text(v))
-    except (TypeError, ValueError):
-        names = None
-    if not isinstance(names, list) or not all(isinstance(x, str) for x in names):
-        raise TypeError("a JSON list of class names")
-    return tuple(names)
-
-
-def _finite(*xs: float) -> bool:
-    return all(math.isfinite(x) for x in xs)
-
 
 _ANY = (lambda v: True, "")
 _ATTRS: dict[str, tuple[Callable[[Any], Any], Callable[[Any], bool], str]] = {
@@ -251,6 +215,7 @@ _ATTRS: dict[str, tuple[Callable[[Any], Any], Callable[[Any], bool], str]] = {
     "dataset_fingerprint": (_text, *_ANY),
     "class_names": (_names, *_ANY),  # checked against num_classes below
     "content_hash": (_text, lambda v: v != "", "not empty"),
+    "features": (lambda v: decode_feature_list(_text(v)), *_ANY),  # checked by their codecs below
 }
 
 
@@ -294,12 +259,20 @@ def info_from_attrs(attrs: Mapping[str, Any]) -> CacheInfo:
         store_codec(info.store, info.num_classes)
     except CacheError as e:
         raise ValueError(f"attribute 'store': {e}") from None
+    try:
+        feature_codecs(info.features, info.store)
+    except CacheError as e:
+        raise ValueError(f"attribute 'features': {e}") from None
     return info
 
 
 def info_attrs(info: CacheInfo) -> dict[str, Any]:
     """The root attributes that record `info` (the inverse of :func:`info_from_attrs`)."""
-    return {key: json.dumps(list(value)) if key == "class_names" else value for key, value in asdict(info).items()}
+    attrs = {key: json.dumps(list(value)) if key in ("class_names", "features") else value
+             for key, value in asdict(info).items()}
+    if not info.features:
+        del attrs["features"]  # a cache without features has exactly the attributes of one before they existed
+    return attrs
 
 
 def plain_attr(value: object) -> object:
@@ -330,17 +303,22 @@ def library_versions() -> str:
 
 # The layout: every dataset of a cache with its full shape and dtype.
 
-def record_layout(codec: StoreCodec, num_classes: int) -> Layout:
-    """Per-record shape and dtype of the per-view datasets: crop box, flip and the store's targets."""
+def record_layout(codec: StoreCodec, num_classes: int, features: Sequence[FeatureCodec] = ()) -> Layout:
+    """Per-record shape and dtype of the per-view datasets: crop box, flip, the store's targets and features."""
     return {"crops": ((4,), np.dtype(np.float32)), "flips": ((), np.dtype(np.uint8)),
-            **codec.datasets(num_classes)}
+            **codec.datasets(num_classes), **{k: v for f in features for k, v in f.datasets().items()}}
+
+
+def info_codecs(info: CacheInfo) -> tuple[StoreCodec, tuple[FeatureCodec, ...]]:
+    """The codecs of a cache's stored targets: its logit store and its features."""
+    return store_codec(info.store, info.num_classes), feature_codecs(info.features, info.store)
 
 
 def layout(info: CacheInfo) -> Layout:
     """Every dataset of a cache of `info`, with its shape and dtype."""
     n, k = info.num_samples, info.num_views
     per_view = {name: ((n, k) + shape, dtype) for name, (shape, dtype)
-                in record_layout(store_codec(info.store, info.num_classes), info.num_classes).items()}
+                in record_layout(info_codecs(info)[0], info.num_classes, info_codecs(info)[1]).items()}
     return {"sample_ids": ((n,), np.dtype(np.int64)),
             "labels": ((n,), np.dtype(np.int64)),
             "content_hashes": ((n,), np.dtype(np.uint64)),
@@ -352,12 +330,13 @@ def layout(info: CacheInfo) -> Layout:
 
 def record_bytes(info: CacheInfo) -> float:
     """Bytes stored per (image, view): targets, crop box and flip."""
-    per_view = record_layout(store_codec(info.store, info.num_classes), info.num_classes)
+    store, features = info_codecs(info)
+    per_view = record_layout(store, info.num_classes, features)
     return sum(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize for shape, dtype in per_view.values())
 
 
-def record_faults(arrays: Mapping[str, np.ndarray], codec: StoreCodec,
-                  num_classes: int) -> list[tuple[str, np.ndarray]]:
+def record_faults(arrays: Mapping[str, np.ndarray], codec: StoreCodec, num_classes: int,
+                  features: Sequence[FeatureCodec] = ()) -> list[tuple[str, np.ndarray]]:
     """(what is wrong, mask over the records) for every check a stored record can fail.
 
     `arrays` hold records in their stored form with any leading shape (a batch
@@ -374,6 +353,9 @@ def record_faults(arrays: Mapping[str, np.ndarray], codec: StoreCodec,
         faults.append(("the flip flag is not 0 or 1", np.asarray(arrays["flips"]) > 1))
     if all(name in arrays for name in codec.datasets(num_classes)):
         faults += codec.faults(arrays, num_classes)
+    for feature in features:
+        if feature.dataset in arrays:
+            faults += feature.faults(arrays)
     return faults
 
 

@@ -12,10 +12,9 @@ import numpy as np
 
 from ..errors import CacheError
 from ..report import Progress
-from .format import FORMAT_VERSION, READ_VERSIONS, CacheInfo, attr_error, check_datasets, info_from_attrs, plain_attr, record_bytes, \
-    record_faults
+from .format import FORMAT_VERSION, READ_VERSIONS, CacheInfo, attr_error, check_datasets, info_codecs, info_from_attrs, \
+    plain_attr, record_bytes, record_faults
 from .hdf5 import DAMAGED, DamagedChunk, FileIdentity, open_h5, read_rows, worded
-from .stores import store_codec
 
 # A cache smaller than this is read into memory by default; reads then cost nothing.
 PRELOAD_LIMIT_BYTES = 2 * 1024**3
@@ -70,8 +69,10 @@ class CacheReader:
                 self.attrs = {k: plain_attr(v) for k, v in h5.attrs.items()}
         finally:
             h5.close()
-        self.codec = store_codec(self.info.store, self.info.num_classes)
-        self.target_names = tuple(self.codec.datasets(self.info.num_classes))
+        self.codec, self.features = info_codecs(self.info)
+        self.store_names = tuple(self.codec.datasets(self.info.num_classes))  # the logit store's datasets
+        # Every stored target: the store's, then the features' (copied, checked and scanned alike).
+        self.target_names = self.store_names + tuple(f.dataset for f in self.features)
         outside = np.flatnonzero((self.labels < 0) | (self.labels >= self.info.num_classes))
         if len(outside):
             raise CacheError(f"{self.path}: dataset 'labels' holds class {int(self.labels[outside[0]])} at row "
@@ -162,7 +163,7 @@ class CacheReader:
         """The mask of invalid records in `arrays` (records of `rows`, one view or all) and the first few, worded."""
         bad = None
         examples = []
-        for what, mask in record_faults(arrays, self.codec, self.info.num_classes):
+        for what, mask in record_faults(arrays, self.codec, self.info.num_classes, self.features):
             bad = mask if bad is None else bad | mask
             for hit in np.argwhere(mask)[:EXAMPLES - len(examples)]:
                 examples.append(f"{self._record(int(rows[hit[0]]), view if view is not None else int(hit[1]))}: {what}")
@@ -174,7 +175,13 @@ class CacheReader:
             raise CacheError(f"{self.path}: {examples[0]}; {DAMAGED}")
 
     def read(self, rows: np.ndarray, view: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Crops (B,4), flips (B,) and full float32 logits (B,C) of view `view` for `rows`.
+        """Crops (B,4), flips (B,) and full float32 logits (B,C) of view `view` for `rows` (see :meth:`read_targets`)."""
+        return self.read_targets(rows, view)[:3]
+
+    def read_targets(self, rows: np.ndarray, view: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+        """Crops (B,4), flips (B,), full float32 logits (B,C) and the stored features of view `view` for `rows`.
+
+        The features are float32, by kind: ``{'pooled': (B,D), 'attention': (B,S,S)}`` ({} when none are stored).
 
         Rows are read in sorted order (as HDF5 requires) and returned in the
         order asked. An invalid record (non-finite logits, a box outside the
@@ -192,8 +199,9 @@ class CacheReader:
         undo = np.empty_like(order)
         undo[order] = np.arange(len(order))
         picked = {name: value[inverse][undo] for name, value in picked.items()}
-        logits = self.codec.decode({k: picked[k] for k in self.target_names}, self.info.num_classes)
-        return picked["crops"], picked["flips"].astype(bool), logits
+        logits = self.codec.decode({k: picked[k] for k in self.store_names}, self.info.num_classes)
+        features = {f.kind: f.decode(picked) for f in self.features}
+        return picked["crops"], picked["flips"].astype(bool), logits, features
 
     def stored(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows ``[start, stop)`` of dataset `name` exactly as stored (to copy a cache bit for bit)."""

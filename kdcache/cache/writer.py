@@ -19,11 +19,10 @@ import numpy as np
 
 from ..errors import CacheError
 from ..report import Progress
-from .format import CHUNK_BYTES, CacheInfo, check_datasets, file_version, info_attrs, info_from_attrs, layout, \
-    library_versions, plain_attr, record_bytes, record_faults, settings_mismatch
+from .format import CHUNK_BYTES, CacheInfo, check_datasets, file_version, info_attrs, info_codecs, info_from_attrs, \
+    layout, library_versions, plain_attr, record_bytes, record_faults, settings_mismatch
 from .hdf5 import CHECKSUM_FAILED, H5_ERRORS, detail, worded
 from .reader import CacheReader
-from .stores import store_codec
 
 _FLETCHER32_SKIPPED = 1  # a chunk's filter mask with the pipeline's first (and only) filter, fletcher32, not applied
 _COPY_BLOCK_BYTES = 64 * 1024**2  # rows a growth copies per pass: bounded memory for a cache of any size
@@ -102,8 +101,8 @@ class CacheWriter:
         self.path = Path(path)
         self.partial = self.path.with_name(self.path.name + ".partial")
         self.info = info
-        self.codec = store_codec(info.store, info.num_classes)
         try:
+            self.codec, self.features = info_codecs(info)
             info_from_attrs(info_attrs(info))
         except ValueError as e:
             raise CacheError(f"cannot create {self.partial}: {e}") from None
@@ -211,7 +210,7 @@ class CacheWriter:
         for lo in range(0, n, rows):
             hi = min(n, lo + rows)
             block = {name: source.stored(name, lo, hi) for name in names}
-            for what, mask in record_faults(block, self.codec, self.info.num_classes):
+            for what, mask in record_faults(block, self.codec, self.info.num_classes, self.features):
                 if mask.any():
                     r, v = np.argwhere(mask)[0][:2]
                     raise CacheError(f"{source.path}: row {lo + int(r)} view {int(v)}: {what}; the cache is "
@@ -309,13 +308,20 @@ class CacheWriter:
         """Rows still to compute, in order."""
         return np.flatnonzero(~self._done)
 
-    def write(self, rows: np.ndarray, crops: np.ndarray, flips: np.ndarray, logits: np.ndarray) -> None:
+    def write(self, rows: np.ndarray, crops: np.ndarray, flips: np.ndarray, logits: np.ndarray,
+              features: dict[str, np.ndarray] | None = None) -> None:
         """Store the views of `rows` (increasing) that this writer fills, then mark the rows done and flush.
 
-        Those are all K views, or in a growth the views from :attr:`first_view` on.
+        Those are all K views, or in a growth the views from :attr:`first_view` on. `features` holds the
+        float32 teacher features by kind ('pooled', 'attention'), one for each the cache stores.
         """
+        features = features or {}
+        missing = [f.kind for f in self.features if f.kind not in features]
+        if missing:
+            raise CacheError(f"{self.partial} stores {missing[0]} features, but none were given to write")
         self.write_stored(rows, {"crops": crops.astype(np.float32), "flips": flips.astype(np.uint8),
-                                 **self.codec.encode(logits)})
+                                 **self.codec.encode(logits),
+                                 **{k: v for f in self.features for k, v in f.encode(features[f.kind]).items()}})
 
     def write_stored(self, rows: np.ndarray, arrays: dict[str, np.ndarray]) -> None:
         """Store `rows` (increasing) from arrays already in the stored form (crops, flips, targets); mark them done.
@@ -326,7 +332,7 @@ class CacheWriter:
         the image, ...) are refused here, before anything is written.
         """
         rows = np.asarray(rows)
-        for what, mask in record_faults(arrays, self.codec, self.info.num_classes):
+        for what, mask in record_faults(arrays, self.codec, self.info.num_classes, self.features):
             if mask.any():
                 r, v = np.argwhere(mask)[0][:2]
                 raise CacheError(f"refusing to write row {int(rows[r])} view {self.first_view + int(v)} to "
