@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from .cli_options import FloatList, crop_options, crop_ranges, optim_config, optim_options, run_config, run_options
-from .config import DumpConfig, TrainConfig, save_json
+from .config import CompareConfig, DumpConfig, RunOptions, TrainConfig, save_json
 
 
 def _clean_message(e: Exception) -> str:
@@ -292,9 +292,50 @@ def verify(cache: str, data: str, teacher: str, checkpoint: str | None, pretrain
     result = verify_cache(cache, data, teacher, checkpoint, samples=samples, seed=seed, device=device,
                           pretrained=pretrained, tolerance=tolerance, progress=_progress())
     _print_result(f"verify {cache}", result, ["samples", "store", "max_abs_logit_diff", "max_rel_logit_diff",
-                                              "tolerance", "mean_kl", "crop_mismatches", "ok"])
+                                              "tolerance", "mean_kl", "crop_mismatches", "min_feature_cosine",
+                                              "ok"])
     require_ok(result)
     click.echo("ok: the cache matches the teacher")
+
+
+@main.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--data", default="digits", show_default=True, help="The dataset whose test split is compared on.")
+@click.option("--teacher", required=True, help="timm model name of the teacher.")
+@click.option("--teacher-checkpoint", type=click.Path(dir_okay=False), default=None, help="The teacher's weights.")
+@click.option("--teacher-pretrained", is_flag=True, help="Use timm's pretrained weights for the teacher.")
+@click.option("--img-size", type=int, default=None,
+              help="The teacher's input size. [default: the first run's teacher size, else its own]")
+@click.option("--samples", type=int, default=CompareConfig.samples, show_default=True,
+              help="Test images compared (a fixed random subset; bounds time and memory).")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Which test images are drawn.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Folder for compare.json, compare.md and compare.png.")
+def compare(runs: tuple[str, ...], data: str, teacher: str, teacher_checkpoint: str | None, teacher_pretrained: bool,
+            img_size: int | None, samples: int, batch_size: int, device: str, seed: int, out: str) -> None:
+    """How teacher-like each student of RUNS (train-student --out folders) became.
+
+    Per student, on the test split: top-1 agreement with the teacher, KL(teacher || student), linear CKA of the
+    final embeddings, cosine and distance through its projector (feature KD), and a layer-by-layer CKA heatmap.
+
+    \b
+    Example:
+      kdcache compare --data cifar10-jpg --teacher convnext_atto --teacher-checkpoint runs/teacher/model.pt \\
+          runs/plain runs/kd --out runs/compare
+    """
+    from .compare import compare as run_compare
+
+    config = CompareConfig(teacher=teacher, runs=runs, out=out, teacher_checkpoint=teacher_checkpoint,
+                           teacher_pretrained=teacher_pretrained, samples=samples,
+                           run=RunOptions(data=data, img_size=img_size, batch_size=batch_size, workers=0,
+                                          device=device, seed=seed))
+    result = run_compare(config, progress=_progress())
+    _print_result(f"compare against {teacher} ({result['images']} test images)", {
+        s["name"]: f"agreement {s['agreement']:.1f} %, KL {s['kl_teacher_student']:.3f}, CKA {s['cka_final']:.3f}"
+        for s in result["students"]}, [s["name"] for s in result["students"]])
+    click.echo(f"report: {Path(out) / 'compare.md'} (and compare.json, compare.png)")
 
 
 @main.command()

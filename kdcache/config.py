@@ -250,6 +250,28 @@ class DumpConfig:
                                   f"'{self.features}' {e}") from None
 
 
+@dataclass(frozen=True)
+class CompareConfig:
+    """A teacher-student similarity report over train-student output folders."""
+
+    teacher: str
+    runs: tuple[str, ...]
+    out: str
+    run: RunOptions = field(default_factory=RunOptions)  # data, the teacher's img_size, batch, device
+    teacher_checkpoint: str | None = None
+    teacher_pretrained: bool = False
+    # Test images compared (a fixed random subset): CKA's n x n Gram matrices and every stage's embeddings
+    # of 1000 images take a few MB, and 1000 gives CKA within about 0.01 of its value on more.
+    samples: int = 1000
+
+    def __post_init__(self) -> None:
+        _require(bool(self.teacher), "--teacher must name a timm model")
+        _require(len(self.runs) >= 1, "name at least one RUN_DIR (a train-student --out folder)")
+        _require(bool(self.out), "--out must name an output folder")
+        _at_least("--samples", self.samples, 2)
+        object.__setattr__(self, "runs", tuple(self.runs))
+
+
 def to_dict(config: Any) -> dict[str, Any]:
     """A JSON-ready dict of a (nested) config dataclass."""
     return dataclasses.asdict(config)

@@ -101,6 +101,18 @@ def pooled_width(model: nn.Module, img_size: int) -> int:
     return int(features["pooled"].shape[-1])
 
 
+def layer_outputs(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Logits (B, C), the pooled embedding (B, D) and every stage's globally averaged output [(B, C_i)], in order.
+
+    The stages are timm's ``forward_intermediates`` (its ``feature_info``: a CNN's
+    stages, a ViT's blocks), each averaged over its spatial grid to one vector.
+    """
+    stages = len(getattr(model, "feature_info", ())) or 1
+    final, maps = model.forward_intermediates(x, indices=stages, output_fmt="NCHW", intermediates_only=False)
+    vectors = [m.float().mean(dim=tuple(range(2, m.ndim))) if m.ndim == 4 else m.float().mean(dim=1) for m in maps]
+    return model.forward_head(final), model.forward_head(final, pre_logits=True), vectors
+
+
 class FeatureStudent(nn.Module):
     """A student that returns (logits, its feature for the loss); the pooled projector trains with it.
 
