@@ -89,16 +89,28 @@ def model_outputs(model: nn.Module, x: torch.Tensor, spec: FeatureSpec) -> tuple
     return model.forward_head(final), features
 
 
-def pooled_width(model: nn.Module, img_size: int) -> int:
-    """D of the model's pooled embedding, from one blank forward in eval mode."""
+def _blank_forward(model: nn.Module, img_size: int, fn) -> object:
+    """`fn(model, x)` on one blank image, in eval mode and without grad; the model's mode is kept."""
     param = next(model.parameters())
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        _, features = model_outputs(model, torch.zeros(1, 3, img_size, img_size, device=param.device),
-                                    FeatureSpec(pooled=True))
+        out = fn(model, torch.zeros(1, 3, img_size, img_size, device=param.device))
     model.train(was_training)
+    return out
+
+
+def pooled_width(model: nn.Module, img_size: int) -> int:
+    """D of the model's pooled embedding, from one blank forward."""
+    _, features = _blank_forward(model, img_size, lambda m, x: model_outputs(m, x, FeatureSpec(pooled=True)))
     return int(features["pooled"].shape[-1])
+
+
+def last_map_size(model: nn.Module, img_size: int) -> tuple[int, int]:
+    """(H, W) of the model's last feature map at `img_size` (an S x S attention map finer than it is upsampled)."""
+    maps = _blank_forward(model, img_size, lambda m, x: m.forward_intermediates(x, indices=1, output_fmt="NCHW",
+                                                                               intermediates_only=True))
+    return int(maps[-1].shape[-2]), int(maps[-1].shape[-1])
 
 
 def layer_outputs(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:

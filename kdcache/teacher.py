@@ -18,7 +18,7 @@ from .cache import CacheInfo, CacheReader, CacheWriter, growth_mismatch, store_c
 from .config import DumpConfig
 from .data import ImageSet, open_dataset
 from .errors import CacheError, KdcacheError
-from .features import FeatureSpec, model_outputs, pooled_width
+from .features import FeatureSpec, last_map_size, model_outputs, pooled_width
 from .loaders import DumpViews, dump_loader
 from .lock import FileLock
 from .models import build, file_sha256
@@ -94,6 +94,11 @@ def _dump(config: DumpConfig, progress: Progress) -> dict:
     spec = FeatureSpec.parse(config.features) if config.features else FeatureSpec()
     features = tuple((f"pooled:{pooled_width(teacher, img_size)}",) if spec.pooled else ()) + \
         tuple((f"attention:{spec.attention}",) if spec.attention else ())
+    if spec.attention and min(last_map_size(teacher, img_size)) < spec.attention:
+        h, w = last_map_size(teacher, img_size)
+        progress.note(f"{config.teacher}'s last feature map is {h}x{w} at {img_size} px, coarser than attention:"
+                      f"{spec.attention}: its maps are upsampled{' and constant' if h == w == 1 else ''}; a larger "
+                      "--img-size gives finer maps")
 
     # Only now are files made, and every one of them under a lock.
     with contextlib.ExitStack() as stack:
