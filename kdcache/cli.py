@@ -218,6 +218,7 @@ def train_student(model: str, epochs: int, out: str, cached: tuple[str, ...],
 
     \b
     Loss: (1-alpha) * T^2 * KL(softmax(t/T) || softmax(s/T)) + alpha * CE(y, s)
+          [+ feature-weight * feature term, with --feature-loss]
     The three modes share one loop and one loss; only where the teacher
     logits come from differs. Without --cached or --online-teacher the
     student trains on labels alone.

@@ -149,13 +149,13 @@ class CachedTargets(TargetSource):
 
     def __init__(self, readers: CacheReader | Sequence[CacheReader], img_size: int | None = None,
                  weights: Sequence[float] | None = None, temperature: float = 1.0,
-                 feature_loss: str | None = None) -> None:
+                 feature_loss: str | None = None, attention_size: int | None = None) -> None:
         readers = [readers] if isinstance(readers, CacheReader) else list(readers)
         first = readers[0]
         weights = tuple(weights) if weights is not None else (1.0 / len(readers),) * len(readers)
         self.readers = readers
         if feature_loss is not None:
-            self.feature_sizes = cached_feature_size(first, feature_loss)
+            self.feature_sizes = cached_feature_size(first, feature_loss, attention_size)
         kinds = tuple(self.feature_sizes)
         self.views = CachedViews(first, kinds) if len(readers) == 1 else EnsembleViews(readers, weights, temperature)
         self.prep = preprocess_of_cache(first, img_size)
@@ -175,7 +175,7 @@ class CachedTargets(TargetSource):
                 **{k: batch[f"teacher_{k}"].to(inputs.device, non_blocking=True) for k in self.feature_sizes}}
 
 
-def cached_feature_size(reader: CacheReader, feature_loss: str) -> dict[str, int]:
+def cached_feature_size(reader: CacheReader, feature_loss: str, attention_size: int | None = None) -> dict[str, int]:
     """{kind: size} of the feature `feature_loss` needs, from `reader`; a cache without it is refused in one line."""
     kind = target_kind(feature_loss)
     stored = {f.kind: f.size for f in reader.features}
@@ -183,6 +183,9 @@ def cached_feature_size(reader: CacheReader, feature_loss: str) -> dict[str, int
         option = "pooled" if kind == "pooled" else "attention:S"
         raise CacheError(f"{reader.path} stores no {kind} features, which --feature-loss {feature_loss} needs; "
                          f"dump it again with dump-teacher --features {option}")
+    if kind == "attention" and attention_size not in (None, stored[kind]):
+        raise CacheError(f"{reader.path} stores {stored[kind]}x{stored[kind]} attention maps, not --attention-size "
+                         f"{attention_size}; leave --attention-size out to use the cache's")
     return {kind: stored[kind]}
 
 
@@ -362,7 +365,8 @@ def create_target_source(config: TrainConfig, readers: CacheReader | Sequence[Ca
         check_caches_agree(readers)
         _note_sizes(readers, img_size, progress)
         _note_view_reuse(config, min(r.info.num_views for r in readers), progress)
-        return CachedTargets(readers, img_size, config.teacher_weights, config.temperature, config.feature_loss)
+        return CachedTargets(readers, img_size, config.teacher_weights, config.temperature, config.feature_loss,
+                             config.attention_size)
     if config.online_teacher:
         teacher = build(config.online_teacher, train.num_classes, img_size, pretrained=config.teacher_pretrained,
                         checkpoint=config.teacher_checkpoint).to(device)

@@ -167,3 +167,10 @@ def test_feature_loss_needs_the_features_in_the_cache(setup: dict, tmp_path: Pat
 def test_feature_loss_options_are_checked(mode: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         TrainConfig(model=STUDENT, out="x", **{"feature_loss": "mse", **mode})
+
+
+def test_attention_size_must_match_the_cache(setup: dict, tmp_path: Path) -> None:
+    run = RunOptions(data=setup["data"], batch_size=4, **RUN)
+    with pytest.raises(CacheError, match=r"stores 2x2 attention maps, not --attention-size 3; leave"):
+        fit(TrainConfig(model=STUDENT, out=str(tmp_path / "run"), run=run, cached=setup["cache"],
+                        feature_loss="attention", attention_size=3))
