@@ -59,7 +59,7 @@ class BackgroundWriter:
         """Queue all K views of `rows` (and their teacher features, if any) for writing; raises the error of an
         earlier write that failed."""
         self._check()
-        item = (rows, crops, flips, logits, features)
+        item = (rows, crops, flips, logits) + ((features,) if features else ())  # features only where stored
         while True:
             try:
                 self._queue.put(item, timeout=_POLL_SECONDS)

@@ -180,13 +180,18 @@ def heatmaps(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     students = report["students"]
-    fig, axes = plt.subplots(1, len(students), figsize=(3.2 * len(students) + 1, 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(students), figsize=(3.2 * len(students) + 1.2, 3.6), squeeze=False,
+                             layout="constrained")
     image = None
-    for ax, s in zip(axes[0], students):
-        image = ax.imshow(np.array(s["cka_layers"]), vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    for i, (ax, s) in enumerate(zip(axes[0], students)):
+        matrix = np.array(s["cka_layers"])
+        image = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        ax.set_xticks(range(matrix.shape[1]))
+        ax.set_yticks(range(matrix.shape[0]))
         ax.set_title(f"{s['name']}\nCKA final {s['cka_final']:.2f}", fontsize=9)
-        ax.set_xlabel(f"{s['model']} stage")
-        ax.set_ylabel(f"{report['teacher']} stage")
+        ax.set_xlabel(f"{s['model']} stage", fontsize=8)
+        if i == 0:
+            ax.set_ylabel(f"{report['teacher']} stage")
     fig.colorbar(image, ax=axes[0].tolist(), label="linear CKA")
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)

@@ -174,3 +174,18 @@ def test_attention_size_must_match_the_cache(setup: dict, tmp_path: Path) -> Non
     with pytest.raises(CacheError, match=r"stores 2x2 attention maps, not --attention-size 3; leave"):
         fit(TrainConfig(model=STUDENT, out=str(tmp_path / "run"), run=run, cached=setup["cache"],
                         feature_loss="attention", attention_size=3))
+
+
+@pytest.mark.slow
+def test_feature_kd_with_several_views_per_step(setup: dict) -> None:
+    """Each of the M views of an image brings its own stored features, in the batch's image-major order.
+
+    Epoch 0 replays views 0 and 1 of the 2-view cache, the views online KD samples in epoch 0 (epoch 1 then
+    reuses them cached, while online samples views 2 and 3), so the first 12 steps must agree.
+    """
+    cached, _ = _losses(setup, "views2-cached", cached=setup["cache"], feature_loss="cosine", views_per_step=2)
+    online, _ = _losses(setup, "views2-online", online_teacher=TEACHER, teacher_checkpoint=setup["checkpoint"],
+                        feature_loss="cosine", views_per_step=2)
+    assert len(cached) == 24
+    first = slice(0, 12)
+    assert np.abs(np.array(cached[first]) - np.array(online[first])).max() <= 1e-6 * np.abs(np.array(online)).max()
