@@ -206,16 +206,21 @@ class OnlineTeacher(TargetSource):
         self.crops = ranges
         self.record = record or {}
 
-    @torch.no_grad()  # not inference_mode: the loss saves these logits for backward
     def teacher_logits(self, batch: dict, inputs: torch.Tensor) -> torch.Tensor:
-        return self.teacher_targets(batch, inputs)["logits"]
+        return self._outputs(inputs)[0]
 
-    @torch.no_grad()
     def teacher_targets(self, batch: dict, inputs: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        if self.spec.empty:  # logits only: through teacher_logits, as before features existed
+            return {"logits": self.teacher_logits(batch, inputs)}
+        logits, features = self._outputs(inputs)
+        return {"logits": logits, **features}
+
+    @torch.no_grad()  # not inference_mode: the loss saves these targets for backward
+    def _outputs(self, inputs: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The same computation as the dump's (:func:`kdcache.features.model_outputs`), on the student's crops."""
         with torch.autocast(inputs.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
             logits, features = model_outputs(self.teacher, inputs, self.spec)
-        return {"logits": logits.float(), **{k: v.float() for k, v in features.items()}}
+        return logits.float(), {k: v.float() for k, v in features.items()}
 
 
 def preprocess_of_cache(reader: CacheReader, size: int | None = None) -> Preprocess:
