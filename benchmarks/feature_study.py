@@ -19,8 +19,10 @@ trained again), and adds, under the same schedule and seeds:
 
 Writes OUT/features.md and OUT/features.json (OUT: the study's results folder)
 and one compare folder per comparison. ``--epochs``, ``--seeds``, ``--students``,
-``--runs`` and ``--out`` shrink it to a smoke run (e.g. ``--epochs 1 --seeds 0
---students pvt_v2_b0 --runs /tmp/fs --out /tmp/fs/results``).
+``--runs`` and ``--out`` shrink it to a smoke run (e.g. ``--epochs 2 --seeds 0
+--students pvt_v2_b0 --runs /tmp/fs --out /tmp/fs/results``; with the
+study's one warm-up epoch a 1-epoch run trains at a learning rate near 0, so its
+variants all come out equal).
 """
 
 from __future__ import annotations
@@ -143,7 +145,7 @@ def _mean_sd(values: list[float]) -> str:
 
 def report(result: dict, records: dict, s: str, seeds: list[int], feat: dict) -> str:
     """features.md: top-1 per variant over seeds, similarity per family and per feature loss, cache sizes."""
-    lines = [f"# Feature distillation: {s}, {result['epochs']} epochs, seeds {seeds}", "",
+    lines = [f"# Feature distillation: {s}, {result['epochs']} epoch(s), seeds {seeds}", "",
              "| variant | top-1 % (mean ± sd over seeds) | runs |", "|---|---:|---:|"]
     variants = [("logit KD (cached)", "")] + [(f"logit + {loss} (cached)", f"feat-{loss}") for loss in feat["losses"]]
     for label, tag in variants:
