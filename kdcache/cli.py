@@ -311,7 +311,7 @@ def verify(cache: str, data: str, teacher: str, checkpoint: str | None, pretrain
               help="Test images compared (a fixed random subset; bounds time and memory).")
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--device", default="auto", show_default=True)
-@click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Which test images are drawn.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Which test images are drawn.")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Folder for compare.json, compare.md and compare.png.")
 def compare(runs: tuple[str, ...], data: str, teacher: str, teacher_checkpoint: str | None, teacher_pretrained: bool,
