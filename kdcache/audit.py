@@ -7,10 +7,12 @@ import torch
 
 from .augment import apply_crop, sample_crop, view_rng
 from .cache import CacheInfo, CacheReader, record_bytes, store_codec
+from .cache.features import MIN_COSINE, cosine
+from .compatibility import check_cache_fits
 from .data import open_dataset
 from .errors import CacheError
 from .report import Progress
-from .targets import check_cache_fits, preprocess_of_cache, ranges_of_cache
+from .targets import preprocess_of_cache, ranges_of_cache
 from .devices import resolve_device
 
 STATS_ROWS = 50_000  # per-view statistics use at most this many rows (a fixed sample)
@@ -80,7 +82,7 @@ def inspect_cache(path: str, progress: Progress | None = None) -> dict:
         picked = np.flatnonzero(sampled[first_row:first_row + len(valid)])
         row, view = np.nonzero(valid[picked])
         if len(row):
-            targets = {name: arrays[name][picked][row, view] for name in reader.target_names}
+            targets = {name: arrays[name][picked][row, view] for name in reader.store_names}
             stats.add(view, codec.decode(targets, info.num_classes), reader.labels[first_row + picked[row]])
 
     scan = reader.scan(visit, progress)
@@ -100,6 +102,9 @@ def inspect_cache(path: str, progress: Progress | None = None) -> dict:
         "mean": list(info.mean), "std": list(info.std), "interpolation": info.interpolation,
         "crop_scale": list(info.crop_scale), "crop_ratio": list(info.crop_ratio), "hflip": info.hflip,
         "file_bytes": reader.file_size, "bytes_per_record": record_bytes(info),
+        "features": [f.spec for f in reader.features],
+        # What each stored feature adds to the file: per record, and over all N x K records.
+        "feature_bytes": {f.spec: f.record_bytes() * n * info.num_views for f in reader.features},
         "stats_rows": int(len(rows)),
         "teacher_top1_mean": _mean([v["top1"] for v in per_view]),
         "confidence_mean": _mean([v["confidence"] for v in per_view]),
@@ -150,7 +155,8 @@ def verify_cache(path: str, data: str, teacher: str, checkpoint: str | None, sam
     stored logits match the teacher's on that crop (the classes the store
     keeps exactly). Returns the figures and ``ok``.
     """
-    from .teacher import teacher_logits
+    from .features import FeatureSpec
+    from .teacher import teacher_outputs
 
     progress = progress or Progress()
     reader = CacheReader(path, preload=False)
@@ -167,17 +173,21 @@ def verify_cache(path: str, data: str, teacher: str, checkpoint: str | None, sam
     rng = np.random.default_rng(seed)
     picks = rng.choice(total, size=min(samples, total), replace=False)
     rows, views = np.divmod(picks, info.num_views)
+    stored = {f.kind: f.size for f in reader.features}
+    spec = FeatureSpec(pooled="pooled" in stored, attention=stored.get("attention", 0))
+    cosines: dict[str, list[float]] = {f.spec: [] for f in reader.features}
 
     crop_mismatch: list[str] = []
     worst_rel, worst_abs, kls, worst_at, compared = 0.0, 0.0, [], "", 0
     progress.start("verify", len(picks))
     for start in range(0, len(picks), 64):
         r, v = rows[start:start + 64], views[start:start + 64]
-        crops, cached, where = [], [], []
+        crops, cached, where, cached_features = [], [], [], []
         for row, view in zip(r, v):
             image = train.load(int(row))
             try:  # a compact cache derives the crop from the image's size (its witness was checked at open)
-                boxes, flips, logits = reader.read(np.array([row]), int(view), [tuple(image.shape[-2:])])
+                boxes, flips, logits, features = reader.read_targets(np.array([row]), int(view),
+                                                                     [tuple(image.shape[-2:])])
             except CacheError:
                 continue  # an invalid record: the scan above counted it
             expect_box, expect_flip = sample_crop(view_rng(info.seed, int(train.ids[row]), int(view)),
@@ -186,11 +196,16 @@ def verify_cache(path: str, data: str, teacher: str, checkpoint: str | None, sam
                 crop_mismatch.append(f"{train.describe(int(row))} view {int(view)}")
             crops.append(apply_crop(image, boxes[0], bool(flips[0]), prep))
             cached.append(logits[0])
+            cached_features.append(features)
             where.append(f"{train.describe(int(row))} view {int(view)}")
         progress.update(len(r))
         if not crops:
             continue
-        live = teacher_logits(model, torch.stack(crops), prep, dev).cpu().numpy()
+        live, live_features = teacher_outputs(model, torch.stack(crops), prep, dev, spec=spec)
+        live = live.cpu().numpy()
+        for f in reader.features:
+            kept = np.concatenate([c[f.kind] for c in cached_features])
+            cosines[f.spec] += cosine(kept, live_features[f.kind].cpu().numpy()).tolist()
         cached_arr = np.stack(cached)
         idx = codec.compared_classes(cached_arr)
         diff = np.abs(np.take_along_axis(cached_arr, idx, 1) - np.take_along_axis(live, idx, 1)).max(1)
@@ -204,12 +219,15 @@ def verify_cache(path: str, data: str, teacher: str, checkpoint: str | None, sam
         compared += len(crops)
     progress.stop()
     reader.close()
-    ok = worst_rel <= tolerance and not crop_mismatch and scan.ok
+    min_cosine = {name: float(min(values)) if values else None for name, values in cosines.items()}
+    features_ok = all(c is None or c >= MIN_COSINE for c in min_cosine.values())
+    ok = worst_rel <= tolerance and not crop_mismatch and scan.ok and features_ok
     return {"cache": str(reader.path), "samples": int(len(picks)), "compared": compared, "store": info.store,
             "bad_records": scan.bad_records, "first_bad_record": scan.first_bad[0] if scan.first_bad else "",
             "max_abs_logit_diff": worst_abs, "max_rel_logit_diff": worst_rel, "worst_record": worst_at,
             "tolerance": tolerance, "mean_kl": float(np.mean(kls)) if kls else None, "temperature": temperature,
             "crop_mismatches": len(crop_mismatch), "first_crop_mismatch": crop_mismatch[0] if crop_mismatch else "",
+            "min_feature_cosine": min_cosine, "feature_cosine_tolerance": MIN_COSINE, "features_ok": features_ok,
             "ok": bool(ok)}
 
 
@@ -223,5 +241,9 @@ def require_ok(result: dict) -> None:
     if result["crop_mismatches"]:
         raise CacheError(f"verify failed: {result['crop_mismatches']} stored crops differ from their seeds "
                          f"(first: {result['first_crop_mismatch']})")
+    if not result.get("features_ok", True):
+        worst = min((c, name) for name, c in result["min_feature_cosine"].items() if c is not None)
+        raise CacheError(f"verify failed: stored {worst[1]} features have cosine {worst[0]:.6f} with the live "
+                         f"teacher's, below {result['feature_cosine_tolerance']}")
     raise CacheError(f"verify failed: logits differ by up to {result['max_rel_logit_diff']:.3g} (relative) at "
                      f"{result['worst_record']}; tolerance {result['tolerance']:.3g}")

@@ -54,10 +54,12 @@ class BackgroundWriter:
             except BaseException as e:  # handed to the dump's thread, which reports it
                 self._error = e
 
-    def put(self, rows: np.ndarray, crops: np.ndarray, flips: np.ndarray, logits: np.ndarray) -> None:
-        """Queue all K views of `rows` for writing; raises the error of an earlier write that failed."""
+    def put(self, rows: np.ndarray, crops: np.ndarray, flips: np.ndarray, logits: np.ndarray,
+            features: dict[str, np.ndarray] | None = None) -> None:
+        """Queue all K views of `rows` (and their teacher features, if any) for writing; raises the error of an
+        earlier write that failed."""
         self._check()
-        item = (rows, crops, flips, logits)
+        item = (rows, crops, flips, logits) + ((features,) if features else ())  # features only where stored
         while True:
             try:
                 self._queue.put(item, timeout=_POLL_SECONDS)

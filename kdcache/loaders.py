@@ -156,8 +156,8 @@ class TrainViews(Dataset):
         m = len(views)
         batch = {"images": torch.stack(crops), "labels": torch.from_numpy(np.repeat(self.images.labels[rows], m)),
                  "rows": torch.from_numpy(np.repeat(rows, m)), "view": views[0], "views": views}
-        if "teacher_logits" in fetched[0]:
-            batch["teacher_logits"] = torch.stack([f["teacher_logits"] for f in fetched], dim=1).flatten(0, 1)
+        for key in (k for k in fetched[0] if k.startswith("teacher_")):  # logits, and features when asked for
+            batch[key] = torch.stack([f[key] for f in fetched], dim=1).flatten(0, 1)
         return batch
 
 

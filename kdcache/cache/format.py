@@ -34,6 +34,18 @@ Teacher targets, by ``store`` (one codec each, see :mod:`kdcache.cache.stores`):
                      approximation is exact for the top k classes' order and loses
                      only the shape of the tail.
 
+Teacher features, optional, by the ``features`` attribute (a JSON list; absent:
+none; one codec each, see :mod:`kdcache.cache.features`), float32 in an ``fp32``
+cache and float16 otherwise, all finite, computed on the view the teacher saw
+(see :mod:`kdcache.features`):
+
+``pooled:D``         ``features_pooled`` (N,K,D): the pooled pre-logits embedding.
+``attention:S``      ``features_attention`` (N,K,S,S): the last feature map's channel
+                     mean of squared activations, average-pooled to S x S.
+
+A reader that ignores them reads the logits as before, so they keep the
+version (see 'Versions').
+
 Every dataset is chunked along N only (whole images, all views), with chunks
 of about 64 KiB, and allocated when the file is created, so later writes touch
 raw data only and a killed dump leaves readable metadata. Files written after
@@ -58,8 +70,9 @@ optionally, ``content_hash`` (the scheme of ``content_hashes`` and of the
 fingerprint; a file without it reads as ``head-tail-64k``: file size plus the
 first and last 64 KiB). A cache grown from one of fewer views (below) also
 records ``grown_from_views`` (int, the K it had); readers ignore it, and a file
-without it was dumped in one go. A compact cache records ``compact`` = true
-(format version 2, see Versions). The reader checks every attribute's type and
+without it was dumped in one go. ``features`` (above) is absent when none are
+stored. A compact cache records ``compact`` = true (format version 2, see
+Versions). The reader checks every attribute's type and
 range on open (:func:`info_from_attrs`).
 
 A dump writes ``OUT.partial`` and renames it to ``OUT`` when complete.
@@ -148,17 +161,18 @@ different batch composition (see :mod:`kdcache.parts`).
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import h5py
 import numpy as np
 
 from ..errors import CacheError
-from .attr_types import boolean, finite, integer, names_json, number, numbers, text
+# attr_error and plain_attr are re-exported: the reader and writer word attributes with them.
+from .attr_types import attr_error, boolean, finite, integer, names_json, number, numbers, plain_attr, text
+from .features import FeatureCodec, decode_feature_list, feature_codecs
 from .hdf5 import worded
 from .stores import Layout, StoreCodec, store_codec
 from .witness import witness_layout
@@ -196,6 +210,7 @@ class CacheInfo:
     class_names: tuple[str, ...]
     # Optional attributes: a file without one reads as the default, so adding one keeps format version 1.
     content_hash: str = "head-tail-64k"  # the scheme of content_hashes and the fingerprint (see kdcache.data)
+    features: tuple[str, ...] = ()  # stored teacher features, e.g. ('pooled:320', 'attention:7'); () when none
     # Format version 2: crops derived on read, not stored, and top-k's log-sum-exp in float16 (see Versions).
     compact: bool = False
 
@@ -234,6 +249,7 @@ _ATTRS: dict[str, tuple[Callable[[Any], Any], Callable[[Any], bool], str]] = {
     "dataset_fingerprint": (text, *_ANY),
     "class_names": (names_json, *_ANY),  # checked against num_classes below
     "content_hash": (text, lambda v: v != "", "not empty"),
+    "features": (lambda v: decode_feature_list(text(v)), *_ANY),  # checked by their codecs below
     "compact": (boolean, *_ANY),
 }
 
@@ -246,13 +262,6 @@ def file_version(info: CacheInfo) -> int:
 def info_codec(info: CacheInfo) -> StoreCodec:
     """The codec of the teacher targets of a cache of `info` (its store, and compact or not)."""
     return store_codec(info.store, info.num_classes, compact=info.compact)
-
-
-def attr_error(name: str, value: Any, expected: str) -> str:
-    """How an attribute is wrong, in words (no file name: the caller adds it)."""
-    shown = repr(plain_attr(value))
-    shown = shown if len(shown) <= 60 else shown[:57] + "..."
-    return f"attribute '{name}' is {shown} ({type(value).__name__}), expected {expected}"
 
 
 def info_from_attrs(attrs: Mapping[str, Any]) -> CacheInfo:
@@ -283,21 +292,20 @@ def info_from_attrs(attrs: Mapping[str, Any]) -> CacheInfo:
         info_codec(info)
     except CacheError as e:
         raise ValueError(f"attribute 'store': {e}") from None
+    try:
+        feature_codecs(info.features, info.store)
+    except CacheError as e:
+        raise ValueError(f"attribute 'features': {e}") from None
     return info
 
 
 def info_attrs(info: CacheInfo) -> dict[str, Any]:
     """The root attributes that record `info` (the inverse of :func:`info_from_attrs`)."""
-    return {key: json.dumps(list(value)) if key == "class_names" else value for key, value in asdict(info).items()}
-
-
-def plain_attr(value: object) -> object:
-    """An HDF5 attribute value as a plain Python value."""
-    if isinstance(value, bytes):
-        return value.decode(errors="replace")
-    if isinstance(value, (np.ndarray, np.generic)):
-        return value.tolist()
-    return value
+    attrs = {key: json.dumps(list(value)) if key in ("class_names", "features") else value
+             for key, value in asdict(info).items()}
+    if not info.features:
+        del attrs["features"]  # a cache without features has exactly the attributes of one before they existed
+    return attrs
 
 
 def settings_mismatch(found: dict, wanted: dict) -> str:
@@ -320,9 +328,15 @@ def library_versions() -> str:
 # The layout: every dataset of a cache with its full shape and dtype.
 
 def record_layout(info: CacheInfo) -> Layout:
-    """Per-record shape and dtype of the per-view datasets: crop box and flip (unless compact), the store's targets."""
+    """Per-record shape and dtype of the per-view datasets: crop box and flip (unless compact), targets, features."""
     crops = {} if info.compact else {"crops": ((4,), np.dtype(np.float32)), "flips": ((), np.dtype(np.uint8))}
-    return {**crops, **info_codec(info).datasets(info.num_classes)}
+    features = {k: v for f in feature_codecs(info.features, info.store) for k, v in f.datasets().items()}
+    return {**crops, **info_codec(info).datasets(info.num_classes), **features}
+
+
+def info_codecs(info: CacheInfo) -> tuple[StoreCodec, tuple[FeatureCodec, ...]]:
+    """The codecs of a cache's stored targets: its logit store and its features."""
+    return info_codec(info), feature_codecs(info.features, info.store)
 
 
 def layout(info: CacheInfo) -> Layout:
@@ -338,12 +352,12 @@ def layout(info: CacheInfo) -> Layout:
 
 
 def record_bytes(info: CacheInfo) -> float:
-    """Bytes stored per (image, view): the targets, and the crop box and flip unless the cache is compact."""
+    """Bytes stored per (image, view): the targets and features, and the crop box and flip unless compact."""
     return sum(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize for shape, dtype in record_layout(info).values())
 
 
-def record_faults(arrays: Mapping[str, np.ndarray], codec: StoreCodec,
-                  num_classes: int) -> list[tuple[str, np.ndarray]]:
+def record_faults(arrays: Mapping[str, np.ndarray], codec: StoreCodec, num_classes: int,
+                  features: Sequence[FeatureCodec] = ()) -> list[tuple[str, np.ndarray]]:
     """(what is wrong, mask over the records) for every check a stored record can fail.
 
     `arrays` hold records in their stored form with any leading shape (a batch
@@ -360,6 +374,9 @@ def record_faults(arrays: Mapping[str, np.ndarray], codec: StoreCodec,
         faults.append(("the flip flag is not 0 or 1", np.asarray(arrays["flips"]) > 1))
     if all(name in arrays for name in codec.datasets(num_classes)):
         faults += codec.faults(arrays, num_classes)
+    for feature in features:
+        if feature.dataset in arrays:
+            faults += feature.faults(arrays)
     return faults
 
 

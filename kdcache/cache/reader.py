@@ -15,8 +15,8 @@ from ..augment import sample_crops
 from ..config import CropRanges
 from ..errors import CacheError
 from ..report import Progress
-from .format import FORMAT_VERSION, READ_VERSIONS, CacheInfo, attr_error, check_datasets, info_codec, info_from_attrs, \
-    plain_attr, record_bytes, record_faults, record_layout
+from .format import FORMAT_VERSION, READ_VERSIONS, CacheInfo, attr_error, check_datasets, info_codecs, \
+    info_from_attrs, plain_attr, record_bytes, record_faults, record_layout
 from .hdf5 import DAMAGED, DamagedChunk, FileIdentity, open_h5, read_rows, worded
 from .witness import witness_layout, witness_mismatch
 
@@ -81,8 +81,10 @@ class CacheReader:
                 self.attrs = {k: plain_attr(v) for k, v in h5.attrs.items()}
         finally:
             h5.close()
-        self.codec = info_codec(self.info)
-        self.target_names = tuple(self.codec.datasets(self.info.num_classes))
+        self.codec, self.features = info_codecs(self.info)
+        self.store_names = tuple(self.codec.datasets(self.info.num_classes))  # the logit store's datasets
+        # Every stored target: the store's, then the features' (copied, checked and scanned alike).
+        self.target_names = self.store_names + tuple(f.dataset for f in self.features)
         # The per-view datasets: crops and flips (unless compact), then the targets.
         self.record_names = tuple(record_layout(self.info))
         self.ranges = CropRanges(scale=self.info.crop_scale, ratio=self.info.crop_ratio, hflip=self.info.hflip)
@@ -188,7 +190,7 @@ class CacheReader:
         """The mask of invalid records in `arrays` (records of `rows`, one view or all) and the first few, worded."""
         bad = None
         examples = []
-        for what, mask in record_faults(arrays, self.codec, self.info.num_classes):
+        for what, mask in record_faults(arrays, self.codec, self.info.num_classes, self.features):
             bad = mask if bad is None else bad | mask
             for hit in np.argwhere(mask)[:EXAMPLES - len(examples)]:
                 examples.append(f"{self._record(int(rows[hit[0]]), view if view is not None else int(hit[1]))}: {what}")
@@ -201,7 +203,14 @@ class CacheReader:
 
     def read(self, rows: np.ndarray, view: int,
              sizes: Sequence[tuple[int, int]] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Crops (B,4), flips (B,) and full float32 logits (B,C) of view `view` for `rows`.
+        """Crops (B,4), flips (B,) and float32 logits (B,C) of view `view` for `rows`; see :meth:`read_targets`."""
+        return self.read_targets(rows, view, sizes)[:3]
+
+    def read_targets(self, rows: np.ndarray, view: int, sizes: Sequence[tuple[int, int]] | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """Crops (B,4), flips (B,), full float32 logits (B,C) and the stored features of view `view` for `rows`.
+
+        The features are float32, by kind: ``{'pooled': (B,D), 'attention': (B,S,S)}`` ({} when none are stored).
 
         Rows are read in sorted order (as HDF5 requires) and returned in the
         order asked. An invalid record (non-finite logits, a box outside the
@@ -215,15 +224,16 @@ class CacheReader:
                 raise ValueError(f"{self.path} is a compact cache: read() needs the (height, width) of each row's "
                                  "image to derive its crops")
             boxes, flips = sample_crops(self.info.seed, self.sample_ids[rows], list(sizes), view, self.ranges)
-            return boxes, flips, self.read_logits(rows, view)
+            return (boxes, flips) + self._read_records(rows, view)[2:]
         return self._read_records(rows, view)
 
     def read_logits(self, rows: np.ndarray, view: int) -> np.ndarray:
         """Full float32 logits (B,C) of view `view` for `rows` (in the order asked), without their crops."""
         return self._read_records(np.asarray(rows, dtype=np.int64), view)[2]
 
-    def _read_records(self, rows: np.ndarray, view: int) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray]:
-        """The stored crops and flips (None in a compact cache) and the decoded logits of `rows`."""
+    def _read_records(self, rows: np.ndarray, view: int
+                      ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray, dict[str, np.ndarray]]:
+        """The stored crops and flips (None in a compact cache), the decoded logits and features of `rows`."""
         order = np.argsort(rows, kind="stable")
         unique, inverse = np.unique(rows[order], return_inverse=True)
         arrays = self._arrays()
@@ -235,10 +245,11 @@ class CacheReader:
         undo = np.empty_like(order)
         undo[order] = np.arange(len(order))
         picked = {name: value[inverse][undo] for name, value in picked.items()}
-        logits = self.codec.decode({k: picked[k] for k in self.target_names}, self.info.num_classes)
+        logits = self.codec.decode({k: picked[k] for k in self.store_names}, self.info.num_classes)
+        features = {f.kind: f.decode(picked) for f in self.features}
         if not self.stores_crops:
-            return None, None, logits
-        return picked["crops"], picked["flips"].astype(bool), logits
+            return None, None, logits, features
+        return picked["crops"], picked["flips"].astype(bool), logits, features
 
     def stored(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows ``[start, stop)`` of dataset `name` exactly as stored (to copy a cache bit for bit)."""
