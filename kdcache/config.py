@@ -325,7 +325,7 @@ class DumpConfig:
                 FeatureSpec.parse(self.features)
             except ValueError as e:
                 raise ConfigError(f"--features must be pooled, attention:S or both (comma-separated): "
-                                  f"'{self.features}' {e}") from None
+                                  f"{e}") from None
 
 
 @dataclass(frozen=True)
