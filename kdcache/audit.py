@@ -7,11 +7,13 @@ import torch
 
 from .augment import view_rng
 from .cache import CacheInfo, CacheReader, record_bytes, store_codec
+from .cache.features import MIN_COSINE, cosine
+from .compatibility import check_cache_fits
 from .data import open_dataset
 from .errors import CacheError
 from .report import Progress
 from .recipe import sample_view
-from .targets import CachedViews, check_cache_fits, preprocess_of_cache, ranges_of_cache
+from .targets import CachedViews, preprocess_of_cache, ranges_of_cache
 from .devices import resolve_device
 
 STATS_ROWS = 50_000  # per-view statistics use at most this many rows (a fixed sample)
@@ -88,7 +90,7 @@ def inspect_cache(path: str, progress: Progress | None = None) -> dict:
         picked = np.flatnonzero(sampled[first_row:first_row + len(valid)])
         row, view = np.nonzero(valid[picked])
         if len(row):
-            targets = {name: arrays[name][picked][row, view] for name in reader.target_names}
+            targets = {name: arrays[name][picked][row, view] for name in reader.store_names}
             stats.add(view, codec.decode(targets, info.num_classes), reader.labels[first_row + picked[row]])
 
     scan = reader.scan(visit, progress)
@@ -111,6 +113,9 @@ def inspect_cache(path: str, progress: Progress | None = None) -> dict:
         **{f"{key}_views_pct": 100.0 * count / max(1, n * info.num_views) for key, count in shares.items()
            if info.recipe},
         "file_bytes": reader.file_size, "bytes_per_record": record_bytes(info),
+        "features": [f.spec for f in reader.features],
+        # What each stored feature adds to the file: per record, and over all N x K records.
+        "feature_bytes": {f.spec: f.record_bytes() * n * info.num_views for f in reader.features},
         "stats_rows": int(len(rows)),
         "teacher_top1_mean": _mean([v["top1"] for v in per_view]),
         "confidence_mean": _mean([v["confidence"] for v in per_view]),
@@ -164,8 +169,9 @@ def verify_cache(path: str, data: str, teacher: str, checkpoint: str | None, sam
     mixed view with its partner's stored view) for the classes the store
     keeps exactly. Returns the figures and ``ok``.
     """
+    from .features import FeatureSpec
     from .loaders import render_views
-    from .teacher import teacher_logits
+    from .teacher import teacher_outputs
 
     progress = progress or Progress()
     reader = CacheReader(path, preload=False)
@@ -177,24 +183,27 @@ def verify_cache(path: str, data: str, teacher: str, checkpoint: str | None, sam
     model = _load_verify_teacher(info, teacher, checkpoint, pretrained, dev, progress)
     prep = preprocess_of_cache(reader)
     ranges = ranges_of_cache(reader)
-    source = CachedViews(reader)
     tolerance = codec.tolerance if tolerance is None else tolerance
     total = info.num_samples * info.num_views
     rng = np.random.default_rng(seed)
     picks = rng.choice(total, size=min(samples, total), replace=False)
     rows, views = np.divmod(picks, info.num_views)
+    feature_sizes = {f.kind: f.size for f in reader.features}
+    spec = FeatureSpec(pooled="pooled" in feature_sizes, attention=feature_sizes.get("attention", 0))
+    source = CachedViews(reader, tuple(feature_sizes))  # the stored parameters, logits and every feature
+    cosines: dict[str, list[float]] = {f.spec: [] for f in reader.features}
 
     crop_mismatch: list[str] = []
     worst_rel, worst_abs, kls, worst_at, compared = 0.0, 0.0, [], "", 0
     progress.start("verify", len(picks))
     for start in range(0, len(picks), 64):
         r, v = rows[start:start + 64], views[start:start + 64]
-        crops, cached, where = [], [], []
+        crops, cached, where, cached_features = [], [], [], []
         for row, view in zip(r, v):
             rows_asked = np.array([row])
             image = train.load(int(row))
             size = [(int(image.shape[-2]), int(image.shape[-1]))]
-            try:
+            try:  # a compact cache derives the crop from the image's size (its witness was checked at open)
                 fetched = source.fetch(rows_asked, train.ids[rows_asked], size, int(view))
                 crop, _ = render_views(train, source, prep, rows_asked, [image], [(int(view), fetched)])
             except CacheError:
@@ -207,11 +216,16 @@ def verify_cache(path: str, data: str, teacher: str, checkpoint: str | None, sam
                 crop_mismatch.append(f"{train.describe(int(row))} view {int(view)}")
             crops.append(crop[0])
             cached.append(fetched["teacher_logits"][0].numpy())
+            cached_features.append({kind: fetched[f"teacher_{kind}"].numpy() for kind in source.kinds})
             where.append(f"{train.describe(int(row))} view {int(view)}")
         progress.update(len(r))
         if not crops:
             continue
-        live = teacher_logits(model, torch.stack(crops), prep, dev).cpu().numpy()
+        live, live_features = teacher_outputs(model, torch.stack(crops), prep, dev, spec=spec)
+        live = live.cpu().numpy()
+        for f in reader.features:
+            kept = np.concatenate([c[f.kind] for c in cached_features])
+            cosines[f.spec] += cosine(kept, live_features[f.kind].cpu().numpy()).tolist()
         cached_arr = np.stack(cached)
         idx = codec.compared_classes(cached_arr)
         diff = np.abs(np.take_along_axis(cached_arr, idx, 1) - np.take_along_axis(live, idx, 1)).max(1)
@@ -225,12 +239,15 @@ def verify_cache(path: str, data: str, teacher: str, checkpoint: str | None, sam
         compared += len(crops)
     progress.stop()
     reader.close()
-    ok = worst_rel <= tolerance and not crop_mismatch and scan.ok
+    min_cosine = {name: float(min(values)) if values else None for name, values in cosines.items()}
+    features_ok = all(c is None or c >= MIN_COSINE for c in min_cosine.values())
+    ok = worst_rel <= tolerance and not crop_mismatch and scan.ok and features_ok
     return {"cache": str(reader.path), "samples": int(len(picks)), "compared": compared, "store": info.store,
             "bad_records": scan.bad_records, "first_bad_record": scan.first_bad[0] if scan.first_bad else "",
             "max_abs_logit_diff": worst_abs, "max_rel_logit_diff": worst_rel, "worst_record": worst_at,
             "tolerance": tolerance, "mean_kl": float(np.mean(kls)) if kls else None, "temperature": temperature,
             "crop_mismatches": len(crop_mismatch), "first_crop_mismatch": crop_mismatch[0] if crop_mismatch else "",
+            "min_feature_cosine": min_cosine, "feature_cosine_tolerance": MIN_COSINE, "features_ok": features_ok,
             "ok": bool(ok)}
 
 
@@ -244,5 +261,9 @@ def require_ok(result: dict) -> None:
     if result["crop_mismatches"]:
         raise CacheError(f"verify failed: {result['crop_mismatches']} stored crops differ from their seeds "
                          f"(or another stored view parameter does; first: {result['first_crop_mismatch']})")
+    if not result.get("features_ok", True):
+        worst = min((c, name) for name, c in result["min_feature_cosine"].items() if c is not None)
+        raise CacheError(f"verify failed: stored {worst[1]} features have cosine {worst[0]:.6f} with the live "
+                         f"teacher's, below {result['feature_cosine_tolerance']}")
     raise CacheError(f"verify failed: logits differ by up to {result['max_rel_logit_diff']:.3g} (relative) at "
                      f"{result['worst_record']}; tolerance {result['tolerance']:.3g}")

@@ -50,15 +50,17 @@ class BackgroundWriter:
             if self._error is not None:
                 continue  # drain without writing, so the producer is never stuck on a full queue
             try:
-                self.writer.write(*item)
+                self.writer.write(*item[0], **item[1])
             except BaseException as e:  # handed to the dump's thread, which reports it
                 self._error = e
 
     def put(self, rows: np.ndarray, crops: np.ndarray, flips: np.ndarray, logits: np.ndarray,
-            params: dict[str, np.ndarray] | None = None) -> None:
-        """Queue all K views of `rows` (and the recipe's parameters) for writing; raises an earlier write's error."""
+            params: dict[str, np.ndarray] | None = None, features: dict[str, np.ndarray] | None = None) -> None:
+        """Queue all K views of `rows` (with the recipe's parameters and the teacher features, if any) for writing;
+        raises the error of an earlier write that failed."""
         self._check()
-        item = (rows, crops, flips, logits) + ((params,) if params else ())
+        extra = {name: value for name, value in (("params", params), ("features", features)) if value}
+        item = ((rows, crops, flips, logits), extra)  # parameters and features only where stored
         while True:
             try:
                 self._queue.put(item, timeout=_POLL_SECONDS)

@@ -14,7 +14,7 @@ import click
 
 from .cli_options import FloatList, crop_options, crop_ranges, optim_config, optim_options, recipe_config, \
     recipe_options, run_config, run_options
-from .config import DumpConfig, TrainConfig, save_json
+from .config import CompareConfig, DumpConfig, RunOptions, TrainConfig, save_json
 
 
 def _clean_message(e: Exception) -> str:
@@ -136,6 +136,9 @@ def train_teacher(model: str, epochs: int, out: str, pretrained: bool, checkpoin
                    "top-k's log-sum-exp in float16 (2 more): topk:5 then takes 22 bytes. Readers re-derive each "
                    "crop from (seed, sample id, view) and the image size, and every open checks 64 stored "
                    "records against that derivation. Format version 2: releases reading only version 1 refuse it.")
+@click.option("--features", default="", help="Also store teacher features per view: pooled (the pre-logits "
+              "embedding), attention:S (an S x S attention map of the last feature map) or both, e.g. "
+              "pooled,attention:7; float32 with --store fp32, else float16. [default: none]")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="The cache file to write (.h5).")
 @click.option("--force", is_flag=True,
               help="Overwrite an existing cache, and discard a partial dump made with other settings.")
@@ -144,7 +147,7 @@ def train_teacher(model: str, epochs: int, out: str, pretrained: bool, checkpoin
 @crop_options
 @recipe_options()
 def dump_teacher(teacher: str, checkpoint: str | None, pretrained: bool, views: int, store: str, compact: bool,
-                 out: str, force: bool, **o: Any) -> None:
+                 features: str, out: str, force: bool, **o: Any) -> None:
     """Run the teacher once over K seeded views of every training image into one HDF5 cache.
 
     The crop of (seed, sample id, view) is stored with the teacher's logits, so
@@ -171,7 +174,7 @@ def dump_teacher(teacher: str, checkpoint: str | None, pretrained: bool, views: 
 
     config = DumpConfig(teacher=teacher, out=out, run=run_config(o), checkpoint=checkpoint, pretrained=pretrained,
                         views=views, crops=crop_ranges(o), recipe=recipe_config(o), store=store, compact=compact,
-                        force=force)
+                        force=force, features=features)
     main_process = _is_main()
     if checkpoint is None and not pretrained and main_process:
         click.echo("note: no --checkpoint or --pretrained: the teacher has random weights", err=True)
@@ -203,6 +206,14 @@ def dump_teacher(teacher: str, checkpoint: str | None, pretrained: bool, views: 
               help="Weight of the label cross-entropy, in [0, 1]; 1 - alpha weighs the KD term.")
 @click.option("--temperature", type=float, default=TrainConfig.temperature,
               show_default=True, help="Softmax temperature T (> 0) of the KD term (scaled by T^2).")
+@click.option("--feature-loss", type=click.Choice(["mse", "cosine", "attention"]), default=None,
+              help="Add a feature term: mse or cosine between the student's pooled embedding (through a learned "
+                   "projector, saved as OUT/projector.safetensors) and the teacher's, or attention transfer "
+                   "between S x S attention maps. Cached mode needs a cache dumped with --features.")
+@click.option("--feature-weight", type=float, default=TrainConfig.feature_weight, show_default=True,
+              help="Weight (>= 0) of the feature term added to the loss.")
+@click.option("--attention-size", type=int, default=None,
+              help="S of the attention maps with --online-teacher. [default: the cache's S in cached mode]")
 @click.option("--pretrained", is_flag=True, help="Start the student from timm's pretrained weights.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), default=None, help="Start the student from local weights.")
 @click.option("--views-per-step", type=int, default=TrainConfig.views_per_step, show_default=True,
@@ -215,11 +226,13 @@ def dump_teacher(teacher: str, checkpoint: str | None, pretrained: bool, views: 
 def train_student(model: str, epochs: int, out: str, cached: tuple[str, ...],
                   teacher_weights: tuple[tuple[float, ...], ...], preload: bool | None,
                   online_teacher: str | None, teacher_checkpoint: str | None, teacher_pretrained: bool, alpha: float,
-                  temperature: float, pretrained: bool, checkpoint: str | None, views_per_step: int, **o: Any) -> None:
+                  temperature: float, feature_loss: str | None, feature_weight: float, attention_size: int | None,
+                  pretrained: bool, checkpoint: str | None, views_per_step: int, **o: Any) -> None:
     """Train a student: plain, with cached KD (--cached) or with online KD (--online-teacher).
 
     \b
     Loss: (1-alpha) * T^2 * KL(softmax(t/T) || softmax(s/T)) + alpha * CE(y, s)
+          [+ feature-weight * feature term, with --feature-loss]
     The three modes share one loop and one loss; only where the teacher
     logits come from differs. Without --cached or --online-teacher the
     student trains on labels alone.
@@ -243,7 +256,8 @@ def train_student(model: str, epochs: int, out: str, cached: tuple[str, ...],
                        alpha=alpha, temperature=temperature, cached=cached,
                        teacher_weights=tuple(w for ws in teacher_weights for w in ws) or None, preload=preload,
                        online_teacher=online_teacher, teacher_checkpoint=teacher_checkpoint,
-                       teacher_pretrained=teacher_pretrained), "student")
+                       teacher_pretrained=teacher_pretrained, feature_loss=feature_loss,
+                       feature_weight=feature_weight, attention_size=attention_size), "student")
 
 
 @main.command()
@@ -294,9 +308,50 @@ def verify(cache: str, data: str, teacher: str, checkpoint: str | None, pretrain
     result = verify_cache(cache, data, teacher, checkpoint, samples=samples, seed=seed, device=device,
                           pretrained=pretrained, tolerance=tolerance, progress=_progress())
     _print_result(f"verify {cache}", result, ["samples", "store", "max_abs_logit_diff", "max_rel_logit_diff",
-                                              "tolerance", "mean_kl", "crop_mismatches", "ok"])
+                                              "tolerance", "mean_kl", "crop_mismatches", "min_feature_cosine",
+                                              "ok"])
     require_ok(result)
     click.echo("ok: the cache matches the teacher")
+
+
+@main.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--data", default="digits", show_default=True, help="The dataset whose test split is compared on.")
+@click.option("--teacher", required=True, help="timm model name of the teacher.")
+@click.option("--teacher-checkpoint", type=click.Path(dir_okay=False), default=None, help="The teacher's weights.")
+@click.option("--teacher-pretrained", is_flag=True, help="Use timm's pretrained weights for the teacher.")
+@click.option("--img-size", type=int, default=None,
+              help="The teacher's input size. [default: the first run's teacher size, else its own]")
+@click.option("--samples", type=int, default=CompareConfig.samples, show_default=True,
+              help="Test images compared (a fixed random subset; bounds time and memory).")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Which test images are drawn.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Folder for compare.json, compare.md and compare.png.")
+def compare(runs: tuple[str, ...], data: str, teacher: str, teacher_checkpoint: str | None, teacher_pretrained: bool,
+            img_size: int | None, samples: int, batch_size: int, device: str, seed: int, out: str) -> None:
+    """How teacher-like each student of RUNS (train-student --out folders) became.
+
+    Per student, on the test split: top-1 agreement with the teacher, KL(teacher || student), linear CKA of the
+    final embeddings, cosine and distance through its projector (feature KD), and a layer-by-layer CKA heatmap.
+
+    \b
+    Example:
+      kdcache compare --data cifar10-jpg --teacher convnext_atto --teacher-checkpoint runs/teacher/model.pt \\
+          runs/plain runs/kd --out runs/compare
+    """
+    from .compare import compare as run_compare
+
+    config = CompareConfig(teacher=teacher, runs=runs, out=out, teacher_checkpoint=teacher_checkpoint,
+                           teacher_pretrained=teacher_pretrained, samples=samples,
+                           run=RunOptions(data=data, img_size=img_size, batch_size=batch_size, workers=0,
+                                          device=device, seed=seed))
+    result = run_compare(config, progress=_progress())
+    _print_result(f"compare against {teacher} ({result['images']} test images)", {
+        s["name"]: f"agreement {s['agreement']:.1f} %, KL {s['kl_teacher_student']:.3f}, CKA {s['cka_final']:.3f}"
+        for s in result["students"]}, [s["name"] for s in result["students"]])
+    click.echo(f"report: {Path(out) / 'compare.md'} (and compare.json, compare.png)")
 
 
 @main.command()

@@ -219,6 +219,12 @@ class TrainConfig:
     online_teacher: str | None = None
     teacher_checkpoint: str | None = None
     teacher_pretrained: bool = False
+    # Feature KD: None (logits only), "mse" or "cosine" (the pooled embedding through a learned projector) or
+    # "attention" (attention transfer), weighted by feature_weight and added to the KD loss.
+    feature_loss: str | None = None
+    feature_weight: float = 1.0  # the AT and projected-embedding terms are O(1) at the start, like KL*T^2
+    # S of the attention maps in online mode; cached mode reads it from the cache (None: the cache's).
+    attention_size: int | None = None
 
     def __post_init__(self) -> None:
         _require(bool(self.model), "--model must name a timm model")
@@ -234,6 +240,28 @@ class TrainConfig:
         _require(bool(self.online_teacher) or not (self.teacher_checkpoint or self.teacher_pretrained),
                  "--teacher-checkpoint and --teacher-pretrained go with --online-teacher")
         _require(bool(self.cached) or self.preload is None, "--preload and --no-preload go with --cached")
+        self._check_features()
+
+    def _check_features(self) -> None:
+        """--feature-loss needs one teacher source (one cache, or an online teacher) and its settings."""
+        from .features import FEATURE_LOSSES
+
+        if self.feature_loss is None:
+            _require(self.attention_size is None, "--attention-size goes with --feature-loss attention")
+            return
+        _require(self.feature_loss in FEATURE_LOSSES,
+                 f"--feature-loss must be {', '.join(FEATURE_LOSSES)}, got '{self.feature_loss}'")
+        _require(bool(self.cached or self.online_teacher),
+                 f"--feature-loss {self.feature_loss} needs a teacher: add --cached CACHE or --online-teacher NAME")
+        _require(len(self.cached) <= 1, "--feature-loss takes one --cached file; an ensemble's features do not "
+                 "combine into one target")
+        _require(math.isfinite(self.feature_weight) and self.feature_weight >= 0,
+                 f"--feature-weight must be a number >= 0, got {self.feature_weight:g}")
+        if self.attention_size is not None:
+            _require(self.feature_loss == "attention", "--attention-size goes with --feature-loss attention")
+            _in_range("--attention-size", self.attention_size, 1, 64)
+        _require(not (self.online_teacher and self.feature_loss == "attention" and self.attention_size is None),
+                 "--feature-loss attention with --online-teacher needs --attention-size S (the S x S map size)")
 
     def _normalise_teachers(self) -> None:
         """`cached` becomes a tuple of paths and `teacher_weights` a tuple that sums to 1, one per cache."""
@@ -274,6 +302,8 @@ class DumpConfig:
     # log-sum-exp in float16. Off by default: such a cache is format version 2, which older releases cannot read.
     compact: bool = False
     force: bool = False  # overwrite a complete cache; discard a partial one of other settings
+    # Teacher features stored with the logits: "pooled", "attention:S" or both, comma-separated; "" for none.
+    features: str = ""
 
     def __post_init__(self) -> None:
         from .cache import parse_store  # the store kinds are the cache's; imported here, not at the CLI's start
@@ -288,6 +318,36 @@ class DumpConfig:
             parse_store(self.store)  # fp16 | fp32 | topk:K with K >= 1; K <= classes is checked with the data
         except KdcacheError as e:
             raise ConfigError(str(e)) from None
+        if self.features:
+            from .features import FeatureSpec
+
+            try:
+                FeatureSpec.parse(self.features)
+            except ValueError as e:
+                raise ConfigError(f"--features must be pooled, attention:S or both (comma-separated): "
+                                  f"{e}") from None
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """A teacher-student similarity report over train-student output folders."""
+
+    teacher: str
+    runs: tuple[str, ...]
+    out: str
+    run: RunOptions = field(default_factory=RunOptions)  # data, the teacher's img_size, batch, device
+    teacher_checkpoint: str | None = None
+    teacher_pretrained: bool = False
+    # Test images compared (a fixed random subset): CKA's n x n Gram matrices and every stage's embeddings
+    # of 1000 images take a few MB, and 1000 gives CKA within about 0.01 of its value on more.
+    samples: int = 1000
+
+    def __post_init__(self) -> None:
+        _require(bool(self.teacher), "--teacher must name a timm model")
+        _require(len(self.runs) >= 1, "name at least one RUN_DIR (a train-student --out folder)")
+        _require(bool(self.out), "--out must name an output folder")
+        _at_least("--samples", self.samples, 2)
+        object.__setattr__(self, "runs", tuple(self.runs))
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -213,8 +213,8 @@ class TrainViews(Dataset):
                 batch["partner_labels"] = torch.from_numpy(self.images.labels[partner_rows])
                 batch["mix_lambdas"] = torch.from_numpy(np.stack([f["mix_lambdas"] for f in fetched], 1).ravel())
         batch["images"] = torch.stack(crops)
-        if "teacher_logits" in fetched[0]:
-            batch["teacher_logits"] = torch.stack([f["teacher_logits"] for f in fetched], dim=1).flatten(0, 1)
+        for key in (k for k in fetched[0] if k.startswith("teacher_")):  # logits, and features when asked for
+            batch[key] = torch.stack([f[key] for f in fetched], dim=1).flatten(0, 1)
         return batch
 
 

@@ -27,6 +27,29 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, l
     return {"loss": (1.0 - alpha) * kd + alpha * ce, "ce": ce, "kd": kd}
 
 
+def feature_loss(kind: str, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """The feature term of ``--feature-loss kind`` between a student's and a teacher's features (batch mean).
+
+    * ``mse``: mean squared error of the projected student embedding (B,D) and the teacher's (B,D).
+    * ``cosine``: ``1 - cos`` of the two (B,D) embeddings, averaged over the batch.
+    * ``attention``: attention transfer (Zagoruyko & Komodakis, 2017): ``||a_s/|a_s| - a_t/|a_t|||^2`` of the
+      flattened (B,S,S) maps, summed over the map and averaged over the batch (in [0, 4] at any S).
+    """
+    s, t = student.float(), teacher.float()
+    if kind == "mse":
+        return F.mse_loss(s, t)
+    if kind == "cosine":
+        return (1.0 - F.cosine_similarity(s, t, dim=-1)).mean()
+    if kind == "attention":
+        return (F.normalize(s.flatten(1), dim=1) - F.normalize(t.flatten(1), dim=1)).pow(2).sum(1).mean()
+    raise ValueError(f"unknown feature loss '{kind}'")
+
+
+def with_feature_term(parts: dict[str, torch.Tensor], feature: torch.Tensor, weight: float) -> dict[str, torch.Tensor]:
+    """`parts` of :func:`kd_loss` with ``weight * feature`` added to the loss and ``feature`` among the parts."""
+    return {**parts, "loss": parts["loss"] + weight * feature, "feature": feature}
+
+
 def ensemble_logits(teacher_logits: list[torch.Tensor], weights: list[float] | tuple[float, ...],
                     temperature: float) -> torch.Tensor:
     """Logits whose softmax at `temperature` is the weighted mean of the teachers' softmax at it.

@@ -140,3 +140,38 @@ def save_checkpoint(model: nn.Module, path: str | Path, meta: dict[str, Any]) ->
     """Write the weights with plain metadata, atomically (see :func:`kdcache.outputs.write_atomic`)."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     write_atomic(path, lambda f: torch.save({"model": state, **meta}, f))
+
+
+def save_checkpoint_elsewhere(model: nn.Module, meta: dict[str, Any]) -> Path | None:
+    """The checkpoint saved in a new folder under the system's temporary folder, or None if that fails too."""
+    import tempfile
+
+    try:
+        path = Path(tempfile.mkdtemp(prefix="kdcache-model-")) / "model.pt"
+        save_checkpoint(model, path, meta)
+        return path
+    except (OSError, KdcacheError):
+        return None
+
+
+PROJECTOR = "projector.safetensors"  # a feature-KD student's projector, saved next to its model.pt
+
+
+def save_projector(projector: nn.Linear, path: str | Path) -> None:
+    """The pooled-feature projector (student width -> teacher width) as safetensors, atomically."""
+    from safetensors.torch import save
+
+    state = {k: v.detach().cpu().contiguous() for k, v in projector.state_dict().items()}
+    write_atomic(path, lambda f: f.write(save(state, {"in_features": str(projector.in_features),
+                                                      "out_features": str(projector.out_features)})))
+
+
+def load_projector(path: str | Path) -> nn.Linear:
+    """A projector saved by :func:`save_projector`."""
+    state = read_state_dict(path)
+    if set(state) != {"weight", "bias"} or state["weight"].ndim != 2:
+        raise CheckpointError(f"{path} is not a kdcache projector (expected a weight and a bias)")
+    out_features, in_features = state["weight"].shape
+    projector = nn.Linear(in_features, out_features)
+    projector.load_state_dict(state)
+    return projector

@@ -14,6 +14,10 @@ timm's ``train.py``)::
             x = normalize(batch["images"].to(device), replay.prep)
             ...  kd_loss(model(x), batch["teacher_logits"].to(device), batch["labels"].to(device), ...)
 
+A cache dumped with ``--features`` also gives ``batch["teacher_pooled"]`` and
+``batch["teacher_attention"]``; :func:`kdcache.features.model_outputs` computes the
+student's own, and :func:`kdcache.losses.feature_loss` compares them.
+
 The epoch travels with every index: the sampler yields ``(row, epoch)`` pairs,
 with the epoch read in the main process when an iteration starts, so workers
 that live for the whole run (``persistent_workers=True``) serve each epoch's
@@ -41,10 +45,11 @@ import torch.distributed as tdist
 
 from .augment import Preprocess
 from .cache import CacheInfo, CacheReader
+from .compatibility import check_cache_fits
 from .data import ImageSet, open_dataset
 from .distributed import Dist
 from .loaders import EpochBatch, EpochOrder, TrainViews
-from .targets import CachedViews, check_cache_fits, preprocess_of_cache
+from .targets import CachedViews, preprocess_of_cache
 
 
 class CacheReplay(TrainViews):
@@ -63,7 +68,8 @@ class CacheReplay(TrainViews):
     Item ``(row, epoch)`` and batches (with :func:`replay_collate`) are dicts:
     ``images`` (B*M,3,S,S) uint8, ``labels`` (B*M,) int64, ``teacher_logits``
     (B*M,C) float32, ``rows`` (B*M,), and ``views`` (the M views of the
-    epoch). A batch of ``(row, epoch)`` indices is read from the cache at once,
+    epoch); with stored features also ``teacher_pooled`` (B*M,D) and
+    ``teacher_attention`` (B*M,S,S) float32. A batch of ``(row, epoch)`` indices is read from the cache at once,
     in the worker.
     """
 
@@ -74,7 +80,8 @@ class CacheReplay(TrainViews):
         reader = cache if isinstance(cache, CacheReader) else CacheReader(cache, preload=preload)
         images = open_dataset(data, "train") if isinstance(data, str) else data
         check_cache_fits(reader, images)
-        super().__init__(images, CachedViews(reader), preprocess_of_cache(reader), views_per_step)
+        kinds = [f.kind for f in reader.features]  # every stored feature rides along with the logits
+        super().__init__(images, CachedViews(reader, kinds), preprocess_of_cache(reader), views_per_step)
         self.reader = reader
         self.prep: Preprocess  # the teacher's input size, mean and std: normalise batches with it on the device
 

@@ -30,13 +30,15 @@ from torch import nn
 
 from .augment import Preprocess, sample_crops
 from .cache import CacheReader
+from .compatibility import check_cache_fits, check_caches_agree  # re-exported: the checks a run's caches pass
 from .config import CropRanges, Recipe, TrainConfig
-from .recipe import replay_notes, sample_records
 from .data import ImageSet
 from .devices import channels_last
 from .errors import CacheError
+from .features import FeatureSpec, model_outputs, pooled_width, target_kind
 from .losses import ensemble_logits
 from .models import build, check_input_size, file_sha256
+from .recipe import replay_notes, sample_records
 from .report import Progress
 
 
@@ -63,15 +65,17 @@ class SeededViews:
 
 
 class CachedViews:
-    """Crops and teacher logits read from a cache, with ``view = slot mod K`` (slot: the epoch when M = 1).
+    """Crops and teacher logits (and the features `kinds`) read from a cache, with ``view = slot mod K``
+    (slot: the epoch when M = 1).
 
     A compact cache stores no crops: the reader derives them from the image
     `sizes` with the code :class:`SeededViews` uses.
     """
 
-    def __init__(self, reader: CacheReader) -> None:
+    def __init__(self, reader: CacheReader, kinds: Sequence[str] = ()) -> None:
         self.reader = reader
         self.recipe = reader.recipe  # replayed from the stored parameters, never sampled
+        self.kinds = tuple(kinds)
 
     def view(self, slot: int) -> int:
         """The cached view of view slot ``epoch * views_per_step + j``; views repeat after K slots."""
@@ -80,7 +84,9 @@ class CachedViews:
     def fetch(self, rows: np.ndarray, ids: np.ndarray, sizes: list[tuple[int, int]], view: int,
               size: int | None = None) -> dict:
         records = self.reader.read_records(rows, view, sizes)  # flips and the recipe's parameters as they are
+        features = records.pop("features")
         records["boxes"], records["teacher_logits"] = records.pop("crops"), torch.from_numpy(records["teacher_logits"])
+        records.update({f"teacher_{kind}": torch.from_numpy(features[kind]) for kind in self.kinds})
         return records
 
 
@@ -111,6 +117,7 @@ class EnsembleViews:
         first["teacher_logits"] = ensemble_logits([torch.from_numpy(r["teacher_logits"]) for r in reads],
                                                   self.weights, self.temperature)
         first["boxes"] = first.pop("crops")
+        del first["features"]  # feature KD replays one cache (TrainConfig refuses an ensemble)
         return first
 
 
@@ -128,10 +135,16 @@ class TargetSource:
     prep: Preprocess | None = None
     crops: CropRanges
     record: dict
+    # The teacher feature the run distils, if any, and its size: {'pooled': D} or {'attention': S}.
+    feature_sizes: dict[str, int] = {}
 
     def teacher_logits(self, batch: dict, inputs: torch.Tensor) -> torch.Tensor | None:
         """Teacher logits for `batch` (already on the device as `inputs`), or None."""
         return None
+
+    def teacher_targets(self, batch: dict, inputs: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        """The teacher's targets for `batch`: ``logits`` (None in plain mode) and the distilled feature, if any."""
+        return {"logits": self.teacher_logits(batch, inputs)}
 
 
 class PlainTargets(TargetSource):
@@ -154,12 +167,16 @@ class CachedTargets(TargetSource):
     mode = "cached"
 
     def __init__(self, readers: CacheReader | Sequence[CacheReader], img_size: int | None = None,
-                 weights: Sequence[float] | None = None, temperature: float = 1.0) -> None:
+                 weights: Sequence[float] | None = None, temperature: float = 1.0,
+                 feature_loss: str | None = None, attention_size: int | None = None) -> None:
         readers = [readers] if isinstance(readers, CacheReader) else list(readers)
         first = readers[0]
         weights = tuple(weights) if weights is not None else (1.0 / len(readers),) * len(readers)
         self.readers = readers
-        self.views = CachedViews(first) if len(readers) == 1 else EnsembleViews(readers, weights, temperature)
+        if feature_loss is not None:
+            self.feature_sizes = cached_feature_size(first, feature_loss, attention_size)
+        kinds = tuple(self.feature_sizes)
+        self.views = CachedViews(first, kinds) if len(readers) == 1 else EnsembleViews(readers, weights, temperature)
         self.prep = preprocess_of_cache(first, img_size)
         self.crops = ranges_of_cache(first)  # cached crops follow the dump's ranges
         infos = [r.info for r in readers]
@@ -172,6 +189,24 @@ class CachedTargets(TargetSource):
     def teacher_logits(self, batch: dict, inputs: torch.Tensor) -> torch.Tensor:
         return batch["teacher_logits"].to(inputs.device, non_blocking=True)
 
+    def teacher_targets(self, batch: dict, inputs: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        return {"logits": self.teacher_logits(batch, inputs),
+                **{k: batch[f"teacher_{k}"].to(inputs.device, non_blocking=True) for k in self.feature_sizes}}
+
+
+def cached_feature_size(reader: CacheReader, feature_loss: str, attention_size: int | None = None) -> dict[str, int]:
+    """{kind: size} of the feature `feature_loss` needs, from `reader`; a cache without it is refused in one line."""
+    kind = target_kind(feature_loss)
+    stored = {f.kind: f.size for f in reader.features}
+    if kind not in stored:
+        option = "pooled" if kind == "pooled" else "attention:S"
+        raise CacheError(f"{reader.path} stores no {kind} features, which --feature-loss {feature_loss} needs; "
+                         f"dump it again with dump-teacher --features {option}")
+    if kind == "attention" and attention_size not in (None, stored[kind]):
+        raise CacheError(f"{reader.path} stores {stored[kind]}x{stored[kind]} attention maps, not --attention-size "
+                         f"{attention_size}; leave --attention-size out to use the cache's")
+    return {kind: stored[kind]}
+
 
 class OnlineTeacher(TargetSource):
     """A live teacher run on exactly the crops the student sees."""
@@ -180,15 +215,28 @@ class OnlineTeacher(TargetSource):
 
     def __init__(self, teacher: nn.Module, seed: int, ranges: CropRanges, amp_dtype: torch.dtype | None = None,
                  prep: Preprocess | None = None, record: dict | None = None, recipe: Recipe | None = None,
-                 num_rows: int = 0) -> None:
+                 num_rows: int = 0, feature_sizes: dict[str, int] | None = None) -> None:
         self.teacher = teacher.eval()
+        self.feature_sizes = dict(feature_sizes or {})
+        self.spec = FeatureSpec(pooled="pooled" in self.feature_sizes, attention=self.feature_sizes.get("attention", 0))
         self.views = SeededViews(seed, ranges, recipe, num_rows)
         self.amp_dtype, self.prep, self.crops, self.record = amp_dtype, prep, ranges, record or {}
 
-    @torch.no_grad()  # not inference_mode: the loss saves these logits for backward
     def teacher_logits(self, batch: dict, inputs: torch.Tensor) -> torch.Tensor:
+        return self._outputs(inputs)[0]
+
+    def teacher_targets(self, batch: dict, inputs: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        if self.spec.empty:  # logits only: through teacher_logits, as before features existed
+            return {"logits": self.teacher_logits(batch, inputs)}
+        logits, features = self._outputs(inputs)
+        return {"logits": logits, **features}
+
+    @torch.no_grad()  # not inference_mode: the loss saves these targets for backward
+    def _outputs(self, inputs: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The same computation as the dump's (:func:`kdcache.features.model_outputs`), on the student's crops."""
         with torch.autocast(inputs.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-            return self.teacher(inputs).float()
+            logits, features = model_outputs(self.teacher, inputs, self.spec)
+        return logits.float(), {k: v.float() for k, v in features.items()}
 
 
 def preprocess_of_cache(reader: CacheReader, size: int | None = None) -> Preprocess:
@@ -201,143 +249,6 @@ def preprocess_of_cache(reader: CacheReader, size: int | None = None) -> Preproc
 def ranges_of_cache(reader: CacheReader) -> CropRanges:
     info = reader.info
     return CropRanges(scale=tuple(info.crop_scale), ratio=tuple(info.crop_ratio), hflip=info.hflip)
-
-
-def _dataset_side(reader: CacheReader, train: ImageSet) -> tuple[str, np.ndarray]:
-    """The split's fingerprint and content hashes under the scheme the cache recorded."""
-    scheme = reader.info.content_hash
-    return train.fingerprint_for(scheme), train.content_hashes_for(scheme)
-
-
-def check_cache_fits(reader: CacheReader, train: ImageSet) -> None:
-    """Refuse a cache made for another dataset, split or class count, saying what differs.
-
-    Any input size fits: crop boxes are fractions of the image. A compact
-    cache derives its crops from the images' sizes, so the images of its
-    witness records must still decode to the sizes the dump saw.
-    """
-    info, path = reader.info, reader.path
-    fingerprint, hashes = _dataset_side(reader, train)
-    if info.dataset_fingerprint != fingerprint:
-        if len(reader.sample_ids) != len(train):
-            why = f"it holds {len(reader.sample_ids)} images, the training split has {len(train)}"
-        elif info.num_classes != train.num_classes:
-            why = f"it has {info.num_classes} classes, the dataset has {train.num_classes}"
-        elif not np.array_equal(reader.sample_ids, train.ids):
-            n = int(np.sum(reader.sample_ids != train.ids))
-            why = f"{n} sample ids differ (another dataset, split or file names)"
-        elif not np.array_equal(reader.labels, train.labels):
-            row = int(np.flatnonzero(reader.labels != train.labels)[0])
-            why = f"labels differ, first at {train.describe(row)}"
-        elif not np.array_equal(reader.content_hashes, hashes):
-            rows = np.flatnonzero(reader.content_hashes != hashes)
-            why = f"{len(rows)} images changed since the dump, first {train.describe(int(rows[0]))}"
-        else:
-            why = "the class names differ"
-        raise CacheError(f"{path} was dumped from another dataset than {train.name} ({why})")
-    witness = reader.witness
-    for sid, (h, w) in zip(witness.get("witness_ids", ()), witness.get("witness_sizes", ())):
-        row = int(np.flatnonzero(reader.sample_ids == sid)[0])
-        now = tuple(train.load(row).shape[-2:])
-        if now != (h, w):
-            raise CacheError(f"{path}: {train.describe(row)} decodes to {now[0]}x{now[1]} pixels, {h}x{w} when the "
-                             "compact cache was dumped, so its crops would differ; dump the teacher again")
-
-
-# What several caches must share to train one student together: the same crops (seed and ranges; the stored
-# boxes are compared too), the same classes, and the pixels' normalisation, which the student then trains with.
-SHARED_SETTINGS = ("seed", "crop_scale", "crop_ratio", "hflip", "num_classes", "mean", "std", "interpolation",
-                   "recipe")
-CROP_BLOCK_BYTES = 64 * 1024**2  # rows of crops compared at once: bounded memory for a cache of any size
-
-
-def check_caches_agree(readers: Sequence[CacheReader]) -> None:
-    """Refuse caches that cannot train one student as an ensemble, naming both files and what differs.
-
-    Besides the settings, the stored crops and flips of the views the
-    ensemble replays (the first min K) are compared bit for bit, a block of
-    rows at a time: crops derive from (seed, sample id, view), so equal
-    settings should give equal crops, and this proves it for the files at hand.
-    A compact cache's crops are derived (and its witness checked) at open, so
-    equal settings prove them equal; its witness records are still compared
-    with the other cache's (stored or witness) crops of the same records.
-    """
-    first = readers[0]
-    for other in readers[1:]:
-        a, b = first.info, other.info
-        both = f"{first.path} and {other.path} cannot train one student"
-        same_data = np.array_equal(first.sample_ids, other.sample_ids) and np.array_equal(first.labels, other.labels)
-        if not same_data or (a.content_hash == b.content_hash and a.dataset_fingerprint != b.dataset_fingerprint):
-            raise CacheError(f"{both}: their dataset_fingerprint differs (dumped from other data); dump both "
-                             "from the same --data")
-        for name in SHARED_SETTINGS:
-            mine, theirs = getattr(a, name), getattr(b, name)
-            if mine != theirs:
-                raise CacheError(f"{both}: their {name} differs ({_worded(mine)} vs {_worded(theirs)}); dump both "
-                                 "with the same --data, --seed and crop ranges, and teachers of the same "
-                                 "normalisation")
-        if first.stores_crops and other.stores_crops:
-            _check_same_crops(first, other, both)
-        else:
-            _check_witnesses(first, other, both)
-
-
-def _worded(value: object) -> str:
-    return ", ".join(f"{v:g}" for v in value) if isinstance(value, tuple) else str(value)
-
-
-def _bits(stored: np.ndarray) -> np.ndarray:
-    """The bytes of each (row, view) record of a stored per-view array, as (rows, views, bytes)."""
-    return np.ascontiguousarray(stored).view(np.uint8).reshape(stored.shape[0], stored.shape[1], -1)
-
-
-def _check_same_crops(first: CacheReader, other: CacheReader, both: str) -> None:
-    views = min(first.info.num_views, other.info.num_views)
-    rows = max(1, CROP_BLOCK_BYTES // (first.info.num_views * 4 * 4))
-    try:
-        for lo in range(0, first.info.num_samples, rows):
-            hi = min(first.info.num_samples, lo + rows)
-            for name in ("crops", "flips"):
-                # Bit for bit: the boxes must be the same float32 values, not merely close ones.
-                differ = (_bits(first.stored(name, lo, hi)[:, :views])
-                          != _bits(other.stored(name, lo, hi)[:, :views])).any(axis=2)
-                if differ.any():
-                    row, view = (int(i) for i in np.argwhere(differ)[0])
-                    raise CacheError(f"{both}: their stored {name} differ, first at row {lo + row} (sample id "
-                                     f"{int(first.sample_ids[lo + row])}) view {view}; dump both with the same "
-                                     "--data, --seed and crop ranges")
-    finally:  # the handles were opened in this process; DataLoader workers open their own
-        first.close()
-        other.close()
-
-
-def _witness_crops(reader: CacheReader) -> dict[tuple[int, int], tuple[bytes, int]]:
-    """{(sample id, view): (box bits, flip)} of a compact cache's witness records."""
-    w = reader.witness
-    return {(int(s), int(v)): (np.asarray(box, dtype=np.float32).tobytes(), int(f))
-            for s, v, box, f in zip(w["witness_ids"], w["witness_views"], w["witness_crops"], w["witness_flips"])}
-
-
-def _check_witnesses(first: CacheReader, other: CacheReader, both: str) -> None:
-    """The crops of the records in either cache's witness agree bit for bit, for the views both hold."""
-    views = min(first.info.num_views, other.info.num_views)
-    known = {reader.path: _witness_crops(reader) for reader in (first, other) if not reader.stores_crops}
-    for path, records in known.items():
-        against = other if path == first.path else first
-        for (sid, view), (box, flip) in records.items():
-            if view >= views:
-                continue
-            if not against.stores_crops:
-                theirs = known[against.path].get((sid, view))
-            else:
-                row = int(np.flatnonzero(against.sample_ids == sid)[0])
-                theirs = (against.stored("crops", row, row + 1)[0, view].tobytes(),
-                          int(against.stored("flips", row, row + 1)[0, view]))
-            if theirs is not None and theirs != (box, flip):
-                raise CacheError(f"{both}: their crops differ at sample id {sid} view {view}; dump both with the "
-                                 "same --data, --seed and crop ranges")
-    first.close()
-    other.close()
 
 
 def _note_sizes(readers: Sequence[CacheReader], img_size: int, progress: Progress) -> None:
@@ -385,7 +296,8 @@ def create_target_source(config: TrainConfig, readers: CacheReader | Sequence[Ca
         _note_view_reuse(config, min(r.info.num_views for r in readers), progress)
         for note in replay_notes(config.recipe, readers[0].recipe, readers[0].attrs, readers[0].path):
             progress.note(note)
-        return CachedTargets(readers, img_size, config.teacher_weights, config.temperature)
+        return CachedTargets(readers, img_size, config.teacher_weights, config.temperature, config.feature_loss,
+                             config.attention_size)
     if config.online_teacher:
         teacher = build(config.online_teacher, train.num_classes, img_size, pretrained=config.teacher_pretrained,
                         checkpoint=config.teacher_checkpoint).to(device)
@@ -394,6 +306,10 @@ def create_target_source(config: TrainConfig, readers: CacheReader | Sequence[Ca
         record = {"teacher": config.online_teacher,
                   "teacher_checkpoint_sha256": file_sha256(config.teacher_checkpoint) if config.teacher_checkpoint
                   else ""}
+        sizes = {}
+        if config.feature_loss is not None:
+            kind = target_kind(config.feature_loss)
+            sizes = {kind: config.attention_size if kind == "attention" else pooled_width(teacher, img_size)}
         return OnlineTeacher(teacher, config.run.seed, config.crops, amp, Preprocess.for_model(teacher, img_size),
-                             record, config.recipe, len(train))
+                             record, config.recipe, len(train), sizes)
     return PlainTargets(config.run.seed, config.crops, config.recipe, len(train))

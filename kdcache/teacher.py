@@ -18,6 +18,7 @@ from .cache import CacheInfo, CacheReader, CacheWriter, growth_mismatch, make_wi
 from .config import DumpConfig
 from .data import ImageSet, open_dataset
 from .errors import CacheError, KdcacheError
+from .features import FeatureSpec, last_map_size, model_outputs, pooled_width
 from .loaders import DumpViews, dump_loader
 from .lock import FileLock
 from .models import build, file_sha256
@@ -34,9 +35,18 @@ MERGE_WAIT = _dt.timedelta(hours=24)
 def teacher_logits(teacher: nn.Module, images: torch.Tensor, prep: Preprocess, device: torch.device,
                    amp: torch.dtype | None = None) -> torch.Tensor:
     """float32 logits (B,C) for uint8 crops (B,3,S,S), in eval mode."""
+    return teacher_outputs(teacher, images, prep, device, amp)[0]
+
+
+@torch.inference_mode()
+def teacher_outputs(teacher: nn.Module, images: torch.Tensor, prep: Preprocess, device: torch.device,
+                    amp: torch.dtype | None = None,
+                    spec: FeatureSpec = FeatureSpec()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """float32 logits (B,C) and the float32 features of `spec` for uint8 crops (B,3,S,S), from one forward."""
     x = model_input(images, prep, device)
     with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-        return teacher(x).float()
+        logits, features = model_outputs(teacher, x, spec)
+    return logits.float(), {k: v.float() for k, v in features.items()}
 
 
 def load_teacher(name: str, num_classes: int, img_size: int, device: torch.device, checkpoint: str | None = None,
@@ -81,6 +91,14 @@ def _dump(config: DumpConfig, progress: Progress) -> dict:
     teacher = load_teacher(config.teacher, train.num_classes, img_size, device, config.checkpoint, config.pretrained)
     prep = Preprocess.for_model(teacher, img_size)
     check_input_size(teacher, config.teacher, img_size, prep, device, amp)
+    spec = FeatureSpec.parse(config.features) if config.features else FeatureSpec()
+    features = tuple((f"pooled:{pooled_width(teacher, img_size)}",) if spec.pooled else ()) + \
+        tuple((f"attention:{spec.attention}",) if spec.attention else ())
+    if spec.attention and min(last_map_size(teacher, img_size)) < spec.attention:
+        h, w = last_map_size(teacher, img_size)
+        progress.note(f"{config.teacher}'s last feature map is {h}x{w} at {img_size} px, coarser than attention:"
+                      f"{spec.attention}: its maps are upsampled{' and constant' if h == w == 1 else ''}; a larger "
+                      "--img-size gives finer maps")
 
     # Only now are files made, and every one of them under a lock.
     with contextlib.ExitStack() as stack:
@@ -90,7 +108,7 @@ def _dump(config: DumpConfig, progress: Progress) -> dict:
             lock = stack.enter_context(FileLock(target))
             if lock.unsupported:
                 progress.note(f"the file system of {target} cannot lock files; make sure no other dump writes it")
-        info = cache_info(config, train, prep, img_size)
+        info = cache_info(config, train, prep, img_size, features)
         grow = out.exists() and not config.force
         if grow:
             summary = _already_done(config, info, train, dist, progress)
@@ -100,7 +118,7 @@ def _dump(config: DumpConfig, progress: Progress) -> dict:
         if stale:
             progress.note(f"{len(stale)} part files of a dump with another number of processes are not used "
                           f"(e.g. {stale[0].name}); delete them when this dump is done")
-        dumper = _Dumper(teacher, train, prep, device, amp, config, progress)
+        dumper = _Dumper(teacher, train, prep, device, amp, config, progress, spec)
         if not dist.enabled:
             return _dump_alone(config, info, train, dumper, progress, grow)
         return _dump_part_and_merge(config, info, train, dumper, dist, progress)
@@ -119,8 +137,12 @@ def check_input_size(teacher: nn.Module, name: str, img_size: int, prep: Preproc
         raise KdcacheError(f"teacher {name} cannot take --img-size {img_size} inputs: {first}") from None
 
 
-def cache_info(config: DumpConfig, train: ImageSet, prep: Preprocess, img_size: int) -> CacheInfo:
-    """The settings the dump records in its cache (hashes every image, for the fingerprint)."""
+def cache_info(config: DumpConfig, train: ImageSet, prep: Preprocess, img_size: int,
+               features: tuple[str, ...] = ()) -> CacheInfo:
+    """The settings the dump records in its cache (hashes every image, for the fingerprint).
+
+    `features` are the stored features' entries (``pooled:D``, ``attention:S``; see :mod:`kdcache.cache.features`).
+    """
     return CacheInfo(
         num_samples=len(train), num_views=config.views, num_classes=train.num_classes, seed=config.run.seed,
         store=config.store, teacher=config.teacher, teacher_checkpoint=config.checkpoint or "",
@@ -129,8 +151,8 @@ def cache_info(config: DumpConfig, train: ImageSet, prep: Preprocess, img_size: 
         mean=prep.mean, std=prep.std, interpolation=prep.interpolation, crop_pct=prep.crop_pct,
         crop_scale=tuple(config.crops.scale), crop_ratio=tuple(config.crops.ratio), hflip=config.crops.hflip,
         dataset_name=train.name, dataset_split=train.split, dataset_fingerprint=train.fingerprint,
-        class_names=tuple(train.classes), content_hash=train.content_hash_scheme, compact=config.compact,
-        recipe=config.recipe.to_json(),
+        class_names=tuple(train.classes), content_hash=train.content_hash_scheme, features=features,
+        compact=config.compact, recipe=config.recipe.to_json(),
     )
 
 
@@ -279,9 +301,9 @@ class _Dumper:
     """The teacher over all K views of images, writing into one cache writer."""
 
     def __init__(self, teacher: nn.Module, train: ImageSet, prep: Preprocess, device: torch.device, amp: torch.dtype | None,
-                 config: DumpConfig, progress: Progress) -> None:
+                 config: DumpConfig, progress: Progress, spec: FeatureSpec = FeatureSpec()) -> None:
         self.teacher, self.train, self.prep, self.device, self.amp = teacher, train, prep, device, amp
-        self.config, self.progress = config, progress
+        self.config, self.progress, self.spec = config, progress, spec
 
     def fill(self, writer: CacheWriter, rows: np.ndarray) -> tuple[int, int, float]:
         """Dump the dataset rows `rows` (writer row i is dataset row ``rows[i]``) that are still pending.
@@ -305,9 +327,10 @@ class _Dumper:
         try:
             for batch in loader:
                 b, k = batch["images"].shape[:2]
-                logits = teacher_logits(self.teacher, batch["images"].flatten(0, 1), self.prep, self.device,
-                                        self.amp).view(b, k, -1)
-                logits = logits.cpu().numpy()
+                logits, features = teacher_outputs(self.teacher, batch["images"].flatten(0, 1), self.prep,
+                                                   self.device, self.amp, self.spec)
+                logits = logits.view(b, k, -1).cpu().numpy()
+                features = {name: f.view(b, k, *f.shape[1:]).cpu().numpy() for name, f in features.items()}
                 batch_rows = batch["rows"].numpy()
                 bad = ~np.isfinite(logits).all(axis=-1)
                 if bad.any():
@@ -316,7 +339,7 @@ class _Dumper:
                                      f"view {first + v}; check the checkpoint (or dump without --amp)")
                 params = {name: value.numpy() for name, value in batch.get("params", {}).items()}
                 background.put(np.searchsorted(rows, batch_rows), batch["boxes"].numpy(), batch["flips"].numpy(),
-                               logits, params)
+                               logits, params, features)
                 correct += int((logits.argmax(-1) == train.labels[batch_rows][:, None]).sum())
                 self.progress.update(b * k)
         except BaseException:

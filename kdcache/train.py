@@ -18,7 +18,6 @@ global batch), so W processes take the same optimizer steps on the same
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from . import distributed, metrics, outputs
+from . import distributed, outputs
 from .augment import Preprocess
 from .cache import CacheReader
 from .config import TrainConfig, save_json
@@ -37,9 +36,12 @@ from .data import ImageSet, open_dataset
 from .devices import amp_dtype, channels_last, model_input, resolve_device
 from .distributed import Dist
 from .errors import ConfigError, KdcacheError, OutputError
-from .loaders import EpochOrder, EvalViews, TrainViews, eval_loader, train_loader
-from .losses import kd_loss, label_targets
-from .models import build, check_input_size, checkpoint_bytes, save_checkpoint
+from .evaluation import evaluate, predict  # noqa: F401 (kdcache.train.evaluate and predict, as before)
+from .features import FeatureStudent, target_kind
+from .loaders import EpochOrder, TrainViews, train_loader
+from .losses import feature_loss, kd_loss, label_targets, with_feature_term
+from .models import PROJECTOR, build, check_input_size, checkpoint_bytes, save_checkpoint, save_checkpoint_elsewhere, \
+    save_projector
 from .report import Progress
 from .targets import TargetSource, create_target_source
 
@@ -55,36 +57,45 @@ class StepLog:
     loss: float
     ce: float
     kd: float
+    feature: float = 0.0  # the feature term (before --feature-weight); 0 without --feature-loss
 
 
 def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, targets: TargetSource,
                     prep: Preprocess, device: torch.device, alpha: float, temperature: float,
                     amp: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None,
                     epoch: int = 0, progress: Progress | None = None,
-                    on_step: Callable[[StepLog], None] | None = None, smoothing: float = 0.0) -> dict[str, float]:
+                    on_step: Callable[[StepLog], None] | None = None, smoothing: float = 0.0,
+                    feature: str | None = None, feature_weight: float = 0.0) -> dict[str, float]:
     """One pass over `loader`; returns mean losses, images seen and wall seconds.
 
-    The CE term's targets are the labels, smoothed by `smoothing` and mixed
-    with the partners' labels where a batch's views are mixed (:func:`label_targets`).
+    The CE term's targets are the labels, smoothed by `smoothing` and mixed with the partners' labels where a
+    batch's views are mixed (:func:`label_targets`). With `feature` (a ``--feature-loss``), `model` returns
+    (logits, feature) (a :class:`~kdcache.features.FeatureStudent`) and ``feature_weight`` times the feature
+    term joins the loss.
 
     The seconds include data loading and target reading, since a cache that
     is slow to read would slow training exactly there.
     """
     model.train()
-    totals = {"loss": 0.0, "ce": 0.0, "kd": 0.0}
+    totals = {"loss": 0.0, "ce": 0.0, "kd": 0.0, "feature": 0.0}
     images = steps = 0
     start = time.perf_counter()
     for step, batch in enumerate(loader):
         x = model_input(batch["images"], prep, device)
         y = batch["labels"].to(device, non_blocking=True)
-        teacher = targets.teacher_logits(batch, x)
+        teacher = targets.teacher_targets(batch, x)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             student = model(x)
+        if feature is not None:
+            student, student_feature = student
         partner = batch.get("partner_labels")
         target = label_targets(y, student.shape[-1], smoothing,
                                None if partner is None else partner.to(device, non_blocking=True),
                                None if partner is None else batch["mix_lambdas"].to(device, non_blocking=True))
-        parts = kd_loss(student, teacher, target, alpha, temperature)
+        parts = kd_loss(student, teacher["logits"], target, alpha, temperature)
+        if feature is not None:
+            parts = with_feature_term(parts, feature_loss(feature, student_feature, teacher[target_kind(feature)]),
+                                      feature_weight)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None and scaler.is_enabled():
             scaler.scale(parts["loss"]).backward()
@@ -97,36 +108,15 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         if not np.isfinite(values["loss"]):
             raise KdcacheError(f"the loss became {values['loss']} at epoch {epoch} step {step}; lower --lr or check the inputs")
         for k in totals:
-            totals[k] += values[k]
+            totals[k] += values.get(k, 0.0)
         images += len(y)
         steps += 1
         if on_step is not None:
-            on_step(StepLog(epoch, step, values["loss"], values["ce"], values["kd"]))
+            on_step(StepLog(epoch, step, values["loss"], values["ce"], values["kd"], values.get("feature", 0.0)))
         if progress is not None:
             progress.update(len(y), loss=values["loss"])
     seconds = time.perf_counter() - start
     return {**{k: v / max(steps, 1) for k, v in totals.items()}, "images": images, "steps": steps, "seconds": seconds}
-
-
-@torch.inference_mode()
-def predict(model: nn.Module, loader, prep: Preprocess, device: torch.device,
-            amp: torch.dtype | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Scores (N,C) float32 and labels (N,) over an evaluation loader."""
-    model.eval()
-    scores, labels = [], []
-    for x, y in loader:
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            out = model(model_input(x, prep, device))
-        scores.append(out.float().cpu().numpy())
-        labels.append(y.numpy())
-    return np.concatenate(scores), np.concatenate(labels)
-
-
-def evaluate(model: nn.Module, images: ImageSet, prep: Preprocess, device: torch.device, batch_size: int,
-             workers: int, amp: torch.dtype | None = None) -> dict[str, float]:
-    """Top-1 and mAP (percent) on the deterministic evaluation view of `images`."""
-    scores, labels = predict(model, eval_loader(EvalViews(images, prep), batch_size, workers, device), prep, device, amp)
-    return metrics.summarize(scores, labels)
 
 
 @dataclass
@@ -158,8 +148,14 @@ class Run:
 
     @property
     def module(self) -> nn.Module:
-        """The student itself (without a DistributedDataParallel wrapper)."""
+        """The trained module (without a DistributedDataParallel wrapper): the student, or it and its projector."""
         return distributed.unwrap(self.model)
+
+    @property
+    def student(self) -> nn.Module:
+        """The student's own timm model (what model.pt holds)."""
+        module = self.module
+        return module.model if isinstance(module, FeatureStudent) else module
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next iteration of the training DataLoader serve `epoch` (its order and its views)."""
@@ -193,16 +189,20 @@ class Run:
         c = self.config
         stats = train_one_epoch(self.model, loader if loader is not None else self.loader(epoch), self.optimizer,
                                 self.targets, self.prep, self.device, c.alpha, c.temperature, self.amp, self.scaler,
-                                epoch, progress, on_step, c.smoothing)
+                                epoch, progress, on_step, c.smoothing, c.feature_loss, c.feature_weight)
         w = self.dist.world_size  # alone, the reductions below return the stats as they are
-        loss, ce, kd, images = self.dist.all_reduce([stats["loss"], stats["ce"], stats["kd"], stats["images"]])
+        loss, ce, kd, feature, images = self.dist.all_reduce([stats["loss"], stats["ce"], stats["kd"],
+                                                              stats["feature"], stats["images"]])
         (seconds,) = self.dist.all_reduce([stats["seconds"]], op="max")
         # Every rank takes the same number of equal batches, so the mean of the ranks' means is the global mean.
         return {"loss": loss / w, "ce": ce / w, "kd": kd / w, "images": int(images), "steps": stats["steps"],
-                "seconds": seconds}
+                "seconds": seconds, **({"feature": feature / w} if c.feature_loss else {})}
 
 
-def _optimizer_and_scheduler(model: nn.Module, config: TrainConfig) -> tuple[torch.optim.Optimizer, object]:
+def _optimizer_and_scheduler(model: nn.Module, config: TrainConfig,
+                             extra: nn.Module | None = None) -> tuple[torch.optim.Optimizer, object]:
+    """timm's optimizer over `model` (its own parameter names), `extra`'s parameters (a projector) added, and
+    the scheduler over both."""
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
 
@@ -212,6 +212,8 @@ def _optimizer_and_scheduler(model: nn.Module, config: TrainConfig) -> tuple[tor
                                         momentum=optim.momentum)
     except ValueError as e:
         raise ConfigError(f"--opt {optim.opt}: {e} (any timm optimizer name: sgd, adamw, ...)") from None
+    if extra is not None:
+        optimizer.add_param_group({"params": list(extra.parameters())})
     decay_epochs = optim.decay_epochs or max(1, config.epochs // 3)
     try:
         scheduler, _ = create_scheduler_v2(optimizer, sched=optim.sched, num_epochs=config.epochs,
@@ -258,6 +260,11 @@ def prepare(config: TrainConfig, progress: Progress | None = None) -> Run:
                   checkpoint=config.checkpoint, allow_new_head=True).to(device)
     model = channels_last(model, device)
     check_input_size(model, config.model, img_size, device)  # eval mode, no grad: the weights stay as seeded
+    student = model
+    if config.feature_loss is not None:
+        sizes = targets.feature_sizes
+        model = FeatureStudent(student, config.feature_loss, sizes.get("pooled", 0), sizes.get("attention", 0),
+                               img_size).to(device)
     if dist.is_main():
         outputs.check_room(config.out, checkpoint_bytes(model), f"the checkpoint of {config.model}")
     # KD modes train on exactly the pixels the teacher saw, normalised as the teacher's were.
@@ -266,7 +273,7 @@ def prepare(config: TrainConfig, progress: Progress | None = None) -> Run:
     if (own.mean, own.std) != (prep.mean, prep.std) and (config.pretrained or config.checkpoint):
         progress.note(f"{config.model} was pretrained with mean {own.mean} and std {own.std}; it trains here on "
                       f"the teacher's normalisation (mean {prep.mean}, std {prep.std}) so both see the same input")
-    optimizer, scheduler = _optimizer_and_scheduler(model, config)
+    optimizer, scheduler = _optimizer_and_scheduler(student, config, getattr(model, "projector", None))
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
     # Wrapped after the optimizer is built, so timm sees the student's own parameter names.
     model = dist.wrap(model, device)
@@ -275,6 +282,9 @@ def prepare(config: TrainConfig, progress: Progress | None = None) -> Run:
     batches = train_loader(dataset, order, run.batch_size // dist.world_size, run.workers, device)
     extra = {**targets.record, "crop_scale": list(targets.crops.scale),
              "recipe": targets.views.recipe.to_json() or "crop and flip only"}
+    if config.feature_loss is not None:
+        extra.update(feature_loss=config.feature_loss, feature_weight=config.feature_weight,
+                     feature_sizes=dict(targets.feature_sizes))
     return Run(config=config, device=device, amp=amp, train=train, test=test, img_size=img_size, targets=targets,
                prep=prep, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, dataset=dataset,
                order=order, batches=batches, extra=extra, dist=dist)
@@ -333,14 +343,14 @@ def _fit(config: TrainConfig, progress: Progress, on_step: Callable[[StepLog], N
         "images_per_second": train_images / max(train_seconds, 1e-9),
         "decoded_images_per_second": train_images / m / max(train_seconds, 1e-9),
         "device": str(r.device),
-        "params_m": sum(p.numel() for p in r.module.parameters()) / 1e6,
+        "params_m": sum(p.numel() for p in r.student.parameters()) / 1e6,
         **r.extra,
     }
     if not r.dist.is_main():
         return {**summary, "rank": r.dist.rank, "wall_seconds": time.perf_counter() - wall_start}
 
     progress.start(f"evaluate {config.model}", len(r.test))
-    result = evaluate(r.module, r.test, r.prep, r.device, config.run.batch_size, config.run.workers, r.amp)
+    result = evaluate(r.student, r.test, r.prep, r.device, config.run.batch_size, config.run.workers, r.amp)
     progress.update(len(r.test))
     progress.stop()
     summary = {**summary, "top1": result["top1"], "mAP": result["mAP"], "checkpoint": str(out / "model.pt")}
@@ -360,9 +370,12 @@ def _save_outputs(r: Run, out: Path, summary: dict, history: list[dict], wall_st
     meta = {"arch": r.config.model, "num_classes": r.train.num_classes, "img_size": r.img_size,
             "classes": list(r.train.classes)}
     try:
-        save_checkpoint(r.module, out / "model.pt", meta)
+        save_checkpoint(r.student, out / "model.pt", meta)
+        if isinstance(r.module, FeatureStudent) and r.module.projector is not None:
+            save_projector(r.module.projector, out / PROJECTOR)
+            summary = {**summary, "projector": str(out / PROJECTOR)}
     except OutputError as e:
-        kept = _keep_elsewhere(r.module, meta)
+        kept = save_checkpoint_elsewhere(r.student, meta)
         summary = {**summary, "checkpoint": str(kept) if kept else "",
                    "wall_seconds": time.perf_counter() - wall_start}
         written = [name for name, value in (("metrics.json", summary), ("history.json", history))
@@ -377,16 +390,6 @@ def _save_outputs(r: Run, out: Path, summary: dict, history: list[dict], wall_st
         except OutputError as e:
             raise OutputError(f"{e}; the checkpoint {out / 'model.pt'} was saved") from None
     return summary
-
-
-def _keep_elsewhere(model: nn.Module, meta: dict) -> Path | None:
-    """The checkpoint saved in a new folder under the system's temporary folder, or None if that fails too."""
-    try:
-        path = Path(tempfile.mkdtemp(prefix="kdcache-model-")) / "model.pt"
-        save_checkpoint(model, path, meta)
-        return path
-    except (OSError, KdcacheError):
-        return None
 
 
 def _try_write(path: Path, value: object) -> bool:

@@ -168,14 +168,14 @@ def test_a_dump_stopped_mid_way_resumes_to_the_same_cache(tmp_path: Path, folder
         monkeypatch.setattr(CacheWriter, "write_stored", failing)
         expected = pytest.raises(CacheError, match="disk is full")
     elif fault == "nan":
-        logits = teacher.teacher_logits
+        outputs = teacher.teacher_outputs  # logits and any features, from one forward
 
         def poisoned(*args, **kwargs):
             calls["n"] += 1  # call 1 is the blank forward pass that checks the input size
-            result = logits(*args, **kwargs)
-            return result * float("nan") if calls["n"] == 4 else result
+            result, features = outputs(*args, **kwargs)
+            return (result * float("nan") if calls["n"] == 4 else result), features
 
-        monkeypatch.setattr(teacher, "teacher_logits", poisoned)
+        monkeypatch.setattr(teacher, "teacher_outputs", poisoned)
         expected = pytest.raises(CacheError, match="NaN or Inf")
     else:
         class Interrupting(Progress):

@@ -104,13 +104,13 @@ GATED_DUMP = """
 import sys, time
 from pathlib import Path
 import kdcache.teacher as teacher
-gate, logits, calls = Path(sys.argv[1]), teacher.teacher_logits, []
+gate, outputs, calls = Path(sys.argv[1]), teacher.teacher_outputs, []
 def gated(*args, **kwargs):
     calls.append(1)
     while len(calls) > 3 and not gate.exists():  # call 1 checks the input size; two batches pass
         time.sleep(0.02)
-    return logits(*args, **kwargs)
-teacher.teacher_logits = gated
+    return outputs(*args, **kwargs)
+teacher.teacher_outputs = gated  # the dump and its input-size check both call it
 from kdcache.cli import main
 main(sys.argv[2:], prog_name="kdcache")
 """

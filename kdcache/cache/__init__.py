@@ -5,6 +5,7 @@
 * :mod:`~kdcache.cache.layout`: every dataset's shape and dtype, and the checks of stored records.
 * :mod:`~kdcache.cache.stores`: one codec per ``--store`` kind (fp32, fp16, topk:K).
 * :mod:`~kdcache.cache.params`: the codec of a recipe's per-view parameters (format version 2).
+* :mod:`~kdcache.cache.features`: one codec per stored teacher feature (pooled:D, attention:S).
 * :mod:`~kdcache.cache.writer`: :class:`CacheWriter` (resumable, crash-safe, atomic; grows a cache).
 * :mod:`~kdcache.cache.reader`: :class:`CacheReader` (validated once, opened lazily per process).
 * :mod:`~kdcache.cache.witness`: the crop witness of a compact cache (crops derived, not stored).

@@ -1,6 +1,7 @@
 """The value types of a cache's root attributes: HDF5 value -> Python value, TypeError when of another type.
 
-:mod:`kdcache.cache.format` pairs each attribute with one of these decoders and its range.
+:mod:`kdcache.cache.format` pairs each attribute with one of these decoders and its range; :func:`attr_error`
+words a value that fails them.
 """
 
 from __future__ import annotations
@@ -62,3 +63,19 @@ def names_json(v: Any) -> tuple[str, ...]:
 
 def finite(*xs: float) -> bool:
     return all(math.isfinite(x) for x in xs)
+
+
+def plain_attr(value: object) -> object:
+    """An HDF5 attribute value as a plain Python value."""
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    if isinstance(value, (np.ndarray, np.generic)):
+        return value.tolist()
+    return value
+
+
+def attr_error(name: str, value: Any, expected: str) -> str:
+    """How an attribute is wrong, in words (no file name: the caller adds it)."""
+    shown = repr(plain_attr(value))
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    return f"attribute '{name}' is {shown} ({type(value).__name__}), expected {expected}"

@@ -69,6 +69,17 @@ view), drawn from ``(seed, sample id, view)`` by
 ``cutmix_boxes``    (N,K,4)  float32  the pasted partner box as fractions of the view
                                       (top, left, height, width); all 0 for mixup and
                                       unmixed views
+Teacher features, optional, by the ``features`` attribute (a JSON list; absent:
+none; one codec each, see :mod:`kdcache.cache.features`), float32 in an ``fp32``
+cache and float16 otherwise, all finite, computed on the view the teacher saw
+(see :mod:`kdcache.features`):
+
+``pooled:D``         ``features_pooled`` (N,K,D): the pooled pre-logits embedding.
+``attention:S``      ``features_attention`` (N,K,S,S): the last feature map's channel
+                     mean of squared activations, average-pooled to S x S.
+
+A reader that ignores them reads the logits as before, so they keep the
+version (see 'Versions').
 
 Every dataset is chunked along N only (whole images, all views), with chunks
 of about 64 KiB, and allocated when the file is created, so later writes touch
@@ -94,7 +105,8 @@ optionally, ``content_hash`` (the scheme of ``content_hashes`` and of the
 fingerprint; a file without it reads as ``head-tail-64k``: file size plus the
 first and last 64 KiB). A cache grown from one of fewer views (below) also
 records ``grown_from_views`` (int, the K it had); readers ignore it, and a file
-without it was dumped in one go. A compact cache records ``compact`` = true
+without it was dumped in one go. ``features`` (above) is absent when none are
+stored. A compact cache records ``compact`` = true
 (format version 2, see Versions). ``recipe`` (JSON object of
 :class:`kdcache.config.Recipe`'s fields; version 2) records a recipe beyond
 the crop and flip; a file without it (or with '') has the default recipe.
@@ -203,14 +215,17 @@ import h5py
 import numpy as np
 
 from ..errors import CacheError
-from .attr_types import boolean, finite, integer, names_json, number, numbers, text
-from .layout import BOX_SLACK, check_datasets, info_codec, layout, record_bytes, record_faults, record_layout
+# attr_error and plain_attr are re-exported: the reader and writer word attributes with them.
+from .attr_types import attr_error, boolean, finite, integer, names_json, number, numbers, plain_attr, text
+from .features import decode_feature_list, feature_codecs
+from .layout import BOX_SLACK, check_datasets, info_codec, info_codecs, layout, record_bytes, record_faults, \
+    record_layout
 
 # The layout of a cache of a CacheInfo (its datasets, their shapes and dtypes, the checks of stored records)
 # lives in kdcache.cache.layout and is re-exported here, where the schema is written down.
-__all__ = ["BOX_SLACK", "FORMAT_VERSION", "READ_VERSIONS", "CacheInfo", "check_datasets", "file_version",
-           "info_attrs", "info_codec", "info_from_attrs", "layout", "library_versions", "plain_attr", "record_bytes",
-           "record_faults", "record_layout", "settings_mismatch"]
+__all__ = ["BOX_SLACK", "FORMAT_VERSION", "READ_VERSIONS", "CacheInfo", "attr_error", "check_datasets",
+           "file_version", "info_attrs", "info_codec", "info_codecs", "info_from_attrs", "layout", "library_versions",
+           "plain_attr", "record_bytes", "record_faults", "record_layout", "settings_mismatch"]
 
 FORMAT_VERSION = 2  # the newest version written; see 'Versions' above
 READ_VERSIONS = (1, 2)
@@ -244,6 +259,7 @@ class CacheInfo:
     class_names: tuple[str, ...]
     # Optional attributes: a file without one reads as the default, so adding one keeps format version 1.
     content_hash: str = "head-tail-64k"  # the scheme of content_hashes and the fingerprint (see kdcache.data)
+    features: tuple[str, ...] = ()  # stored teacher features, e.g. ('pooled:320', 'attention:7'); () when none
     # Format version 2: crops derived on read, not stored, and top-k's log-sum-exp in float16 (see Versions).
     compact: bool = False
     recipe: str = ""  # Recipe.to_json(): '' is crop and flip only; anything else makes the file version 2
@@ -283,6 +299,7 @@ _ATTRS: dict[str, tuple[Callable[[Any], Any], Callable[[Any], bool], str]] = {
     "dataset_fingerprint": (text, *_ANY),
     "class_names": (names_json, *_ANY),  # checked against num_classes below
     "content_hash": (text, lambda v: v != "", "not empty"),
+    "features": (lambda v: decode_feature_list(text(v)), *_ANY),  # checked by their codecs below
     "compact": (boolean, *_ANY),
     "recipe": (text, lambda v: _is_recipe(v), "'' or a JSON recipe of kdcache.config.Recipe"),
 }
@@ -302,13 +319,6 @@ def _is_recipe(value: str) -> bool:
     except ConfigError:
         return False
     return True
-
-
-def attr_error(name: str, value: Any, expected: str) -> str:
-    """How an attribute is wrong, in words (no file name: the caller adds it)."""
-    shown = repr(plain_attr(value))
-    shown = shown if len(shown) <= 60 else shown[:57] + "..."
-    return f"attribute '{name}' is {shown} ({type(value).__name__}), expected {expected}"
 
 
 def info_from_attrs(attrs: Mapping[str, Any]) -> CacheInfo:
@@ -339,24 +349,22 @@ def info_from_attrs(attrs: Mapping[str, Any]) -> CacheInfo:
         info_codec(info)
     except CacheError as e:
         raise ValueError(f"attribute 'store': {e}") from None
+    try:
+        feature_codecs(info.features, info.store)
+    except CacheError as e:
+        raise ValueError(f"attribute 'features': {e}") from None
     return info
 
 
 def info_attrs(info: CacheInfo) -> dict[str, Any]:
     """The root attributes that record `info` (the inverse of :func:`info_from_attrs`)."""
-    attrs = {key: json.dumps(list(value)) if key == "class_names" else value for key, value in asdict(info).items()}
+    attrs = {key: json.dumps(list(value)) if key in ("class_names", "features") else value
+             for key, value in asdict(info).items()}
+    if not info.features:
+        del attrs["features"]  # a cache without features has exactly the attributes of one before they existed
     if not attrs["recipe"]:
         del attrs["recipe"]  # the default recipe: the file is written as before, attribute for attribute
     return attrs
-
-
-def plain_attr(value: object) -> object:
-    """An HDF5 attribute value as a plain Python value."""
-    if isinstance(value, bytes):
-        return value.decode(errors="replace")
-    if isinstance(value, (np.ndarray, np.generic)):
-        return value.tolist()
-    return value
 
 
 def settings_mismatch(found: dict, wanted: dict) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,3 +129,14 @@ class FileIdentity:
         if self.mtime_ns != now.mtime_ns:
             words.append("modified")
         return ", ".join(words)
+
+
+@contextmanager
+def quiet_release() -> Iterator[None]:
+    """Silence h5py's reports of failed write-backs of handles released in the block (after a failed write)."""
+    hook = sys.unraisablehook
+    sys.unraisablehook = lambda _: None
+    try:
+        yield
+    finally:
+        sys.unraisablehook = hook

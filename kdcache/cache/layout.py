@@ -3,19 +3,21 @@
 The schema itself (what each dataset means) is the docstring of
 :mod:`kdcache.cache.format`, which re-exports these functions. They take a
 :class:`~kdcache.cache.format.CacheInfo` and iterate over codecs: the store's
-(:mod:`kdcache.cache.stores`) and the recipe's parameters
-(:mod:`kdcache.cache.params`).
+(:mod:`kdcache.cache.stores`), the recipe's parameters
+(:mod:`kdcache.cache.params`) and the teacher features
+(:mod:`kdcache.cache.features`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import h5py
 import numpy as np
 
 from ..errors import CacheError
+from .features import FeatureCodec, feature_codecs
 from .hdf5 import worded
 from .params import ParamsCodec, params_codec
 from .stores import Layout, StoreCodec, store_codec
@@ -32,12 +34,20 @@ def info_codec(info: CacheInfo) -> StoreCodec:
     return store_codec(info.store, info.num_classes, compact=info.compact)
 
 
+def info_codecs(info: CacheInfo) -> tuple[StoreCodec, tuple[FeatureCodec, ...]]:
+    """The codecs of a cache's stored targets: its logit store and its features."""
+    return info_codec(info), feature_codecs(info.features, info.store)
+
+
 # The layout: every dataset of a cache with its full shape and dtype.
 
 def record_layout(info: CacheInfo) -> Layout:
-    """Per-record shape and dtype of the per-view datasets: crop and flip (unless compact), recipe, targets."""
+    """Per-record shape and dtype of the per-view datasets: crop and flip (unless compact), recipe, targets,
+    features."""
     crops = {} if info.compact else {"crops": ((4,), np.dtype(np.float32)), "flips": ((), np.dtype(np.uint8))}
-    return {**crops, **params_codec(info.recipe).datasets(), **info_codec(info).datasets(info.num_classes)}
+    features = {k: v for f in feature_codecs(info.features, info.store) for k, v in f.datasets().items()}
+    return {**crops, **params_codec(info.recipe).datasets(), **info_codec(info).datasets(info.num_classes),
+            **features}
 
 
 def layout(info: CacheInfo) -> Layout:
@@ -53,12 +63,13 @@ def layout(info: CacheInfo) -> Layout:
 
 
 def record_bytes(info: CacheInfo) -> float:
-    """Bytes stored per (image, view): the targets, and the crop box and flip unless the cache is compact."""
+    """Bytes stored per (image, view): the targets, parameters and features, and the crop box and flip unless the cache is compact."""
     return sum(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize for shape, dtype in record_layout(info).values())
 
 
 def record_faults(arrays: Mapping[str, np.ndarray], codec: StoreCodec, num_classes: int,
-                  params: ParamsCodec | None = None) -> list[tuple[str, np.ndarray]]:
+                  params: ParamsCodec | None = None, features: Sequence[FeatureCodec] = ()
+                  ) -> list[tuple[str, np.ndarray]]:
     """(what is wrong, mask over the records) for every check a stored record can fail.
 
     `arrays` hold records in their stored form with any leading shape (a batch
@@ -77,6 +88,9 @@ def record_faults(arrays: Mapping[str, np.ndarray], codec: StoreCodec, num_class
         faults += codec.faults(arrays, num_classes)
     if params is not None:
         faults += params.faults(dict(arrays))
+    for feature in features:
+        if feature.dataset in arrays:
+            faults += feature.faults(arrays)
     return faults
 
 

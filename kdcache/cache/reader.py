@@ -15,8 +15,8 @@ from ..augment import sample_crops
 from ..config import CropRanges
 from ..errors import CacheError
 from ..report import Progress
-from .format import FORMAT_VERSION, READ_VERSIONS, CacheInfo, attr_error, check_datasets, info_codec, info_from_attrs, \
-    plain_attr, record_bytes, record_faults, record_layout
+from .format import FORMAT_VERSION, READ_VERSIONS, CacheInfo, attr_error, check_datasets, info_codecs, \
+    info_from_attrs, plain_attr, record_bytes, record_faults, record_layout
 from .hdf5 import DAMAGED, DamagedChunk, FileIdentity, open_h5, read_rows, worded
 from .params import params_codec
 from .witness import witness_layout, witness_mismatch
@@ -82,8 +82,10 @@ class CacheReader:
                 self.attrs = {k: plain_attr(v) for k, v in h5.attrs.items()}
         finally:
             h5.close()
-        self.codec = info_codec(self.info)
-        self.target_names = tuple(self.codec.datasets(self.info.num_classes))
+        self.codec, self.features = info_codecs(self.info)
+        self.store_names = tuple(self.codec.datasets(self.info.num_classes))  # the logit store's datasets
+        # Every stored target: the store's, then the features' (copied, checked and scanned alike).
+        self.target_names = self.store_names + tuple(f.dataset for f in self.features)
         # The per-view datasets: crops and flips (unless compact), then the targets.
         self.record_names = tuple(record_layout(self.info))
         self.params = params_codec(self.info.recipe)  # the recipe's per-view parameters, part of record_names
@@ -191,7 +193,7 @@ class CacheReader:
         """The mask of invalid records in `arrays` (records of `rows`, one view or all) and the first few, worded."""
         bad = None
         examples = []
-        for what, mask in record_faults(arrays, self.codec, self.info.num_classes, self.params):
+        for what, mask in record_faults(arrays, self.codec, self.info.num_classes, self.params, self.features):
             bad = mask if bad is None else bad | mask
             for hit in np.argwhere(mask)[:EXAMPLES - len(examples)]:
                 examples.append(f"{self._record(int(rows[hit[0]]), view if view is not None else int(hit[1]))}: {what}")
@@ -209,9 +211,10 @@ class CacheReader:
         return records["crops"], records["flips"], records["teacher_logits"]
 
     def read_records(self, rows: np.ndarray, view: int,
-                     sizes: Sequence[tuple[int, int]] | None = None) -> dict[str, np.ndarray]:
+                     sizes: Sequence[tuple[int, int]] | None = None) -> dict:
         """The records of view `view` for `rows`: ``crops`` (B,4), ``flips`` (B,) bool, the recipe's
-        parameters (B, ...) as stored, and ``teacher_logits``, full float32 (B,C).
+        parameters (B, ...) as stored, ``teacher_logits``, full float32 (B,C), and ``features``, the stored
+        teacher features as float32 by kind: ``{'pooled': (B,D), 'attention': (B,S,S)}`` ({} when none).
 
         Rows are read in sorted order (as HDF5 requires) and returned in the
         order asked. An invalid record (non-finite logits, a box outside the
@@ -233,8 +236,9 @@ class CacheReader:
         """Full float32 logits (B,C) of view `view` for `rows` (in the order asked), without their crops."""
         return self._read_records(np.asarray(rows, dtype=np.int64), view)["teacher_logits"]
 
-    def _read_records(self, rows: np.ndarray, view: int) -> dict[str, np.ndarray]:
-        """The stored records of `rows` (no crops and flips in a compact cache), with the decoded logits."""
+    def _read_records(self, rows: np.ndarray, view: int) -> dict:
+        """The stored records of `rows` (no crops and flips in a compact cache), with the decoded logits and
+        features."""
         order = np.argsort(rows, kind="stable")
         unique, inverse = np.unique(rows[order], return_inverse=True)
         arrays = self._arrays()
@@ -246,11 +250,11 @@ class CacheReader:
         undo = np.empty_like(order)
         undo[order] = np.arange(len(order))
         picked = {name: value[inverse][undo] for name, value in picked.items()}
-        logits = self.codec.decode({k: picked[k] for k in self.target_names}, self.info.num_classes)
+        logits = self.codec.decode({k: picked[k] for k in self.store_names}, self.info.num_classes)
         records = {name: picked[name] for name in self.params.names}
         if self.stores_crops:
             records.update(crops=picked["crops"], flips=picked["flips"].astype(bool))
-        return {**records, "teacher_logits": logits}
+        return {**records, "teacher_logits": logits, "features": {f.kind: f.decode(picked) for f in self.features}}
 
     def stored(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows ``[start, stop)`` of dataset `name` exactly as stored (to copy a cache bit for bit)."""

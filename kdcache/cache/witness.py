@@ -8,7 +8,7 @@ the cache did. So the dump stores a witness: up to ``WITNESS_RECORDS``
 (image, view) records chosen from the seed, with their image sizes, boxes and
 flips. Every open re-derives them from the stored sizes alone (no dataset
 needed) and refuses the file when one differs by a single bit; where the
-dataset is at hand, :func:`kdcache.targets.check_cache_fits` also checks that
+dataset is at hand, :func:`kdcache.compatibility.check_cache_fits` also checks that
 the images still decode to the stored sizes.
 """
 

@@ -9,19 +9,17 @@ import glob
 import json
 import os
 import socket
-import sys
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import h5py
 import numpy as np
 
 from ..errors import CacheError
 from ..report import Progress
-from .format import CHUNK_BYTES, CacheInfo, check_datasets, file_version, info_attrs, info_codec, info_from_attrs, \
+from .features import encode_features
+from .format import CHUNK_BYTES, CacheInfo, check_datasets, file_version, info_attrs, info_codecs, info_from_attrs, \
     layout, library_versions, plain_attr, record_bytes, record_faults, settings_mismatch
-from .hdf5 import CHECKSUM_FAILED, H5_ERRORS, detail, worded
+from .hdf5 import CHECKSUM_FAILED, H5_ERRORS, detail, quiet_release, worded
 from .reader import CacheReader
 from .params import params_codec
 from .witness import witness_mismatch
@@ -105,12 +103,12 @@ class CacheWriter:
         self.path = Path(path)
         self.partial = self.path.with_name(self.path.name + ".partial")
         self.info = info
-        self.codec = info_codec(info)
-        self.params = params_codec(info.recipe)
         try:
+            self.codec, self.features = info_codecs(info)
             info_from_attrs(info_attrs(info))
         except ValueError as e:
             raise CacheError(f"cannot create {self.partial}: {e}") from None
+        self.params = params_codec(info.recipe)
         self.witness = dict(witness or {}) if info.compact else {}
         differ = witness_mismatch(info, self.witness) if info.compact else ""
         if differ:
@@ -200,7 +198,7 @@ class CacheWriter:
         except (OSError, ValueError, RuntimeError, CacheError) as e:  # h5py words some I/O failures as ValueError
             # A CacheError names the damaged cache being grown in its own line.
             message = str(e) if isinstance(e, CacheError) else f"cannot create {self.partial}: {detail(e)}"
-            with _quiet_release():
+            with quiet_release():
                 if h5 is not None:
                     try:
                         h5.close()
@@ -221,7 +219,7 @@ class CacheWriter:
         for lo in range(0, n, rows):
             hi = min(n, lo + rows)
             block = {name: source.stored(name, lo, hi) for name in names}
-            for what, mask in record_faults(block, self.codec, self.info.num_classes, self.params):
+            for what, mask in record_faults(block, self.codec, self.info.num_classes, self.params, self.features):
                 if mask.any():
                     r, v = np.argwhere(mask)[0][:2]
                     raise CacheError(f"{source.path}: row {lo + int(r)} view {int(v)}: {what}; the cache is "
@@ -320,11 +318,17 @@ class CacheWriter:
         return np.flatnonzero(~self._done)
 
     def write(self, rows: np.ndarray, crops: np.ndarray, flips: np.ndarray, logits: np.ndarray,
-              params: dict[str, np.ndarray] | None = None) -> None:
-        """Store `rows`' views (from :attr:`first_view`): crops unless compact, the recipe's `params`, logits."""
+              params: dict[str, np.ndarray] | None = None, features: dict[str, np.ndarray] | None = None) -> None:
+        """Store the views of `rows` (increasing) that this writer fills, then mark the rows done and flush.
+
+        Those are all K views, or in a growth the views from :attr:`first_view` on (not `crops`, `flips` if compact).
+        `params` holds the recipe's parameters, `features` the float32 teacher features by kind ('pooled',
+        'attention'): one for each the cache stores.
+        """
         stored = {} if self.info.compact else {"crops": crops.astype(np.float32), "flips": flips.astype(np.uint8)}
         stored.update({name: np.asarray(params[name]).astype(self.layout[name][1]) for name in self.params.names})
-        self.write_stored(rows, {**stored, **self.codec.encode(logits)})
+        self.write_stored(rows, {**stored, **self.codec.encode(logits),
+                                 **encode_features(self.features, features or {}, self.partial)})
 
     def write_stored(self, rows: np.ndarray, arrays: dict[str, np.ndarray]) -> None:
         """Store `rows` (increasing) from arrays already in the stored form (crops, flips, targets); mark them done.
@@ -335,7 +339,7 @@ class CacheWriter:
         the image, ...) are refused here, before anything is written.
         """
         rows = np.asarray(rows)
-        for what, mask in record_faults(arrays, self.codec, self.info.num_classes, self.params):
+        for what, mask in record_faults(arrays, self.codec, self.info.num_classes, self.params, self.features):
             if mask.any():
                 r, v = np.argwhere(mask)[0][:2]
                 raise CacheError(f"refusing to write row {int(rows[r])} view {self.first_view + int(v)} to "
@@ -380,21 +384,10 @@ class CacheWriter:
 
     def close(self) -> None:
         """Close the file; after a failed write, closing may fail too, and that is not news."""
-        with _quiet_release():
+        with quiet_release():
             try:
                 self._datasets.clear()
                 if self.h5.id.valid:
                     self.h5.close()
             except (OSError, RuntimeError):
                 pass
-
-
-@contextmanager
-def _quiet_release() -> Iterator[None]:
-    """Silence h5py's reports of failed write-backs of handles released in the block (after a failed write)."""
-    hook = sys.unraisablehook
-    sys.unraisablehook = lambda _: None
-    try:
-        yield
-    finally:
-        sys.unraisablehook = hook
