@@ -29,12 +29,19 @@ class FloatList(click.ParamType):
             self.fail(f"{value!r} is not a comma-separated list of numbers", param, ctx)
 
 
+def _with_options(f: Callable, options: list[Callable]) -> Callable:
+    """`f` decorated with `options`, the first listed shown first in --help."""
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
 def run_options(default_batch: int = 64, batch_help: str = "Images per optimizer step.",
                 img_help: str = "Input size in pixels; a cached student may take another size than the teacher's "
                                "(the stored crop boxes are resized to it). [default: the cache's size in cached "
                                "mode, else 224]") -> Callable:
     def decorate(f: Callable) -> Callable:
-        for option in reversed([
+        return _with_options(f, [
             click.option("--data", default="digits", show_default=True,
                          help="'digits' (built in), an ImageFolder root with train/ and test/ (or val/), "
                               "or a Stanford 40 Actions root (has ImageSplits/)."),
@@ -49,24 +56,20 @@ def run_options(default_batch: int = 64, batch_help: str = "Images per optimizer
                          help="Mixed precision (bfloat16, or float16 on older GPUs); CUDA only."),
             click.option("--seed", type=int, default=0, show_default=True,
                          help="Seeds crops (with sample id and view), batch order and model init; 0 to 2**64 - 1."),
-        ]):
-            f = option(f)
-        return f
+        ])
     return decorate
 
 
 def crop_options(f: Callable) -> Callable:
     defaults = CropRanges()
-    for option in reversed([
+    return _with_options(f, [
         click.option("--crop-scale", type=(float, float), default=defaults.scale, show_default=True,
                      help="RandomResizedCrop area range, as fractions of the image."),
         click.option("--crop-ratio", type=(float, float), default=defaults.ratio, show_default=True,
                      help="RandomResizedCrop aspect-ratio range."),
         click.option("--hflip", type=float, default=defaults.hflip, show_default=True,
                      help="Probability that a view is mirrored."),
-    ]):
-        f = option(f)
-    return f
+    ])
 
 
 def recipe_options(smoothing: bool = False) -> Callable:
@@ -94,15 +97,13 @@ def recipe_options(smoothing: bool = False) -> Callable:
         if smoothing:
             options.append(click.option("--smoothing", type=float, default=0.0, show_default=True,
                                         help="Label smoothing of the cross-entropy term."))
-        for option in reversed(options):
-            f = option(f)
-        return f
+        return _with_options(f, options)
     return decorate
 
 
 def optim_options(f: Callable) -> Callable:
     d = OptimOptions()
-    for option in reversed([
+    return _with_options(f, [
         click.option("--opt", default=d.opt, show_default=True, help="timm optimizer name (sgd, adamw, ...)."),
         click.option("--lr", type=float, default=d.lr, show_default=True),
         click.option("--momentum", type=float, default=d.momentum, show_default=True),
@@ -112,9 +113,7 @@ def optim_options(f: Callable) -> Callable:
                      help="Step decay period. [default: a third of --epochs]"),
         click.option("--decay-rate", type=float, default=d.decay_rate, show_default=True),
         click.option("--warmup-epochs", type=int, default=d.warmup_epochs, show_default=True),
-    ]):
-        f = option(f)
-    return f
+    ])
 
 
 # The options of run_options, crop_options and optim_options become config objects here, field by field;

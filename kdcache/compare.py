@@ -129,7 +129,7 @@ def compare(config: CompareConfig, progress: Progress | None = None) -> dict:
     for run in runs:
         m = run.metrics
         model = build(m["model"], test.num_classes, m["img_size"], checkpoint=str(run.checkpoint)).to(device)
-        # KD students trained on the teacher's normalisation, plain ones on their own (see kdcache.train.prepare).
+        # KD students trained on the teacher's normalisation, plain ones on their own (see prepare in train.py).
         prep = Preprocess.for_model(model if m.get("mode") == "plain" else teacher, m["img_size"])
         s_out = model_outputs_on(model, test, rows, prep, device, b, w, progress, f"student {run.name}")
         projector = load_projector(run.projector) if run.projector else None

@@ -36,7 +36,7 @@ from .data import ImageSet, open_dataset
 from .devices import amp_dtype, channels_last, model_input, resolve_device
 from .distributed import Dist
 from .errors import ConfigError, KdcacheError, OutputError
-from .evaluation import evaluate, predict  # noqa: F401 (kdcache.train.evaluate and predict, as before)
+from .evaluation import evaluate, predict  # noqa: F401 (still importable from this module, as before)
 from .features import FeatureStudent, target_kind
 from .loaders import EpochOrder, TrainViews, train_loader
 from .losses import feature_loss, kd_loss, label_targets, with_feature_term
