@@ -35,13 +35,12 @@ from pathlib import Path
 
 from kdcache.audit import inspect_cache
 from kdcache.compare import compare
-from kdcache.config import CompareConfig, CropRanges, DumpConfig, RunOptions, TrainConfig
+from kdcache.config import CompareConfig, CropRanges, DumpConfig, RunOptions
 from kdcache.report import RichProgress
 from kdcache.teacher import dump
-from kdcache.train import fit
 
 sys.path.insert(0, str(Path(__file__).parent))
-from study import metrics_of, optims, prepare_data, run_key  # noqa: E402
+from study import metrics_of, optims, prepare_data, run_key, train_once  # noqa: E402
 
 DEFAULTS = {"attention_size": 4, "losses": ["mse", "cosine", "attention"], "weight": 1.0, "online_loss": "mse",
             "compare_samples": 1000}
@@ -78,15 +77,9 @@ def main() -> None:
     records: dict[str, dict] = {}
 
     def train(key: str, model: str, seed: int = 0, **mode) -> dict:
-        target = runs_dir / key
-        done = metrics_of(target)
-        if done is None:
-            print(f"== {key}", file=sys.stderr)
-            done = fit(TrainConfig(model=model, out=str(target), run=RunOptions(**{**base_run.__dict__, "seed": seed}),
-                                   optim=optim, epochs=epochs, crops=crops, alpha=cfg["alpha"],
-                                   temperature=cfg["temperature"], **mode), progress)
-        records[key] = done
-        return done
+        records[key] = train_once(runs_dir, key, progress, base_run, seed, model=model, optim=optim, epochs=epochs,
+                                  crops=crops, alpha=cfg["alpha"], temperature=cfg["temperature"], **mode)
+        return records[key]
 
     def cache(seed: int, features: str = "") -> Path:
         tag = "-features" if features else ""

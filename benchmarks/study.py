@@ -63,6 +63,19 @@ def metrics_of(out: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def train_once(runs_dir: Path, key: str, progress: RichProgress, base_run: RunOptions, seed: int = 0,
+               **config) -> dict:
+    """Run `key`'s metrics: read from ``runs_dir/key/metrics.json`` when it has one (a resumed study), else trained
+    now with ``TrainConfig(**config)`` on `base_run` with `seed`."""
+    target = runs_dir / key
+    done = metrics_of(target)
+    if done is None:
+        print(f"== {key}", file=sys.stderr)
+        done = fit(TrainConfig(out=str(target), run=RunOptions(**{**base_run.__dict__, "seed": seed}), **config),
+                   progress)
+    return done
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config")
@@ -93,16 +106,10 @@ def main() -> None:
     records: dict[str, dict] = {}
 
     def train(key: str, model: str, seed: int = 0, **mode) -> dict:
-        target = runs_dir / key
-        done = metrics_of(target)
-        if done is None:
-            print(f"== {key}", file=sys.stderr)
-            config = TrainConfig(model=model, out=str(target), run=RunOptions(**{**base_run.__dict__, "seed": seed}),
-                                 optim=optim, epochs=cfg["epochs"], crops=crops, alpha=cfg["alpha"],
-                                 temperature=cfg["temperature"], pretrained=pretrained, **mode)
-            done = fit(config, progress)
-        records[key] = done
-        return done
+        records[key] = train_once(runs_dir, key, progress, base_run, seed, model=model, optim=optim,
+                                  epochs=cfg["epochs"], crops=crops, alpha=cfg["alpha"], temperature=cfg["temperature"],
+                                  pretrained=pretrained, **mode)
+        return records[key]
 
     def cache(views: int, store: str = "fp16", seed: int = 0) -> str:
         path = cache_path(runs_dir, views, store, seed)
