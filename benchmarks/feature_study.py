@@ -55,12 +55,18 @@ def main() -> None:
     parser.add_argument("--students", nargs="*", default=None, help="override the families compared")
     parser.add_argument("--runs", default=None, help="runs folder (default: the study's)")
     parser.add_argument("--out", default=None, help="results folder (default: the study's)")
+    parser.add_argument("--report-only", action="store_true", help="rewrite features.md from features.json")
     args = parser.parse_args()
     cfg = json.loads(Path(args.config).read_text())
     feat = {**DEFAULTS, "student": cfg["sweep_student"], **cfg.get("features", {})}
     name = cfg["name"]
     runs_dir = Path(args.runs or cfg.get("runs", f"runs/study-{name}"))
     out = Path(args.out or cfg.get("out", f"benchmarks/results/study-{name}"))
+    if args.report_only:
+        result = json.loads((out / "features.json").read_text())
+        (out / "features.md").write_text(report(result, result["records"], result["student"], result["seeds"],
+                                                result["features"]))
+        return
     epochs = args.epochs or cfg["epochs"]
     seeds = args.seeds if args.seeds is not None else [0, *cfg["noise_seeds"]]
     students = args.students or cfg["students"]
@@ -139,13 +145,17 @@ def _mean_sd(values: list[float]) -> str:
 def report(result: dict, records: dict, s: str, seeds: list[int], feat: dict) -> str:
     """features.md: top-1 per variant over seeds, similarity per family and per feature loss, cache sizes."""
     lines = [f"# Feature distillation: {s}, {result['epochs']} epoch(s), seeds {seeds}", "",
-             "| variant | top-1 % (mean ± sd over seeds) | runs |", "|---|---:|---:|"]
+             "| variant | top-1 % (mean ± sd over seeds) | mAP % | per seed (top-1) |", "|---|---:|---:|---|"]
     variants = [("logit KD (cached)", "")] + [(f"logit + {loss} (cached)", f"feat-{loss}") for loss in feat["losses"]]
     for label, tag in variants:
-        tops = [records[run_key(s, "cached", seed, tag)]["top1"] for seed in seeds]
-        lines.append(f"| {label} | {_mean_sd(tops)} | {len(tops)} |")
-    online = records[run_key(s, "online", 0, f"feat-{feat['online_loss']}")]
-    lines += [f"| logit + {feat['online_loss']} (online, seed 0) | {online['top1']:.2f} | 1 |", ""]
+        runs = [records[run_key(s, "cached", seed, tag)] for seed in seeds]
+        per_seed = ", ".join(f"{r['top1']:.2f}" for r in runs)
+        lines.append(f"| {label} | {_mean_sd([r['top1'] for r in runs])} | {_mean_sd([r['mAP'] for r in runs])} | "
+                     f"{per_seed} |")
+    loss = feat["online_loss"]
+    online, cached = records[run_key(s, "online", 0, f"feat-{loss}")], records[run_key(s, "cached", 0, f"feat-{loss}")]
+    lines += [f"| logit + {loss} (online, seed 0) | {online['top1']:.2f} | {online['mAP']:.2f} | "
+              f"cached seed 0: {cached['top1']:.2f} |", ""]
     for title, comparison in (("Every family: plain vs cached logit KD", result["families"]),
                               (f"{s}: logit KD vs feature KD (seed 0)", result["feature_runs"])):
         lines += [f"## {title} against {comparison['teacher']} ({comparison['images']} test images)", "",

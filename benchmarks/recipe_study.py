@@ -9,7 +9,9 @@ it, and its trained teacher is reused when it exists) and adds:
 
 * "recipe": Recipe fields (e.g. mixup 0.8, cutmix 1.0, aa rand-m9-mstd0.5-inc1, reprob 0.25), "smoothing";
 * "students", "seeds", "epochs" (long enough for strong augmentation to matter, e.g. 30), "views" (K);
-* "sweep_student" and "views_sweep": K values, "epoch" meaning one view per epoch (K = epochs).
+* "sweep_student" and "views_sweep": K values, "epoch" meaning one view per epoch (K = epochs);
+* optionally "modes": which of the modes below to run (default all; runs go mode by mode, every seed of one
+  mode before the next, so a study cut short still has whole rows).
 
 For every student and seed it trains: crop-and-flip cached KD (``cached``),
 and under the recipe plain training (``fm-plain``), cached KD (``fm-cached``)
@@ -100,12 +102,22 @@ def main() -> None:
 
     online = {"online_teacher": cfg["teacher"], "teacher_checkpoint": checkpoint}
     k = cfg["views"]
+    modes = cfg.get("modes", MODES)
+    unknown = set(modes) - set(MODES)
+    if unknown:
+        sys.exit(f"{args.config}: unknown modes {sorted(unknown)}; known: {', '.join(MODES)}")
     for student in cfg["students"]:
-        for seed in cfg["seeds"]:
-            train(f"{student}-cached-seed{seed}", student, seed, False, cached=cache(k, seed, False))
-            train(f"{student}-fm-plain-seed{seed}", student, seed, True)
-            train(f"{student}-fm-cached-seed{seed}", student, seed, True, cached=cache(k, seed, True))
-            train(f"{student}-fm-online-seed{seed}", student, seed, True, **online)
+        for mode in modes:
+            for seed in cfg["seeds"]:
+                key = f"{student}-{mode}-seed{seed}"
+                if mode == "cached":
+                    train(key, student, seed, False, cached=cache(k, seed, False))
+                elif mode == "fm-plain":
+                    train(key, student, seed, True)
+                elif mode == "fm-cached":
+                    train(key, student, seed, True, cached=cache(k, seed, True))
+                else:
+                    train(key, student, seed, True, **online)
     sweep = cfg.get("sweep_student")
     for seed in cfg["seeds"] if sweep else []:
         for kv in cfg["views_sweep"]:
@@ -143,9 +155,15 @@ def write_report(cfg: dict, out: Path, teacher: dict, records: dict) -> None:
             if runs:
                 sweep[f"K={kk}" + (" (one view per epoch)" if kv == "epoch" else "")] = {
                     m: _stats([r[m] for r in runs]) for m in ("top1", "mAP")}
+    gaps = {}  # fm-cached minus fm-online, seed by seed (the same pixels and init, so paired)
+    for student in cfg["students"]:
+        pairs = [(records[c], records[o]) for s in seeds
+                 if (c := f"{student}-fm-cached-seed{s}") in records and (o := f"{student}-fm-online-seed{s}") in records]
+        if pairs:
+            gaps[student] = {m: _stats([a[m] - b[m] for a, b in pairs]) for m in ("top1", "mAP")}
     out.mkdir(parents=True, exist_ok=True)
     results = {"config": cfg, "teacher": {k: teacher.get(k) for k in ("model", "top1", "mAP")}, "table": table,
-               "views_sweep": sweep}
+               "cached_minus_online": gaps, "views_sweep": sweep}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     lines = [f"# Function matching offline: {cfg['name']}", "",
              f"Data: {cfg['data'].get('description', '')}. Teacher {teacher.get('model')} (top-1 "
@@ -154,6 +172,11 @@ def write_report(cfg: dict, out: Path, teacher: dict, records: dict) -> None:
              "| student / mode | top-1 % | mAP % | img/s |", "|---|---|---|---|"]
     lines += [f"| {key} | {_cell(v['top1'])} | {_cell(v['mAP'])} | {v['images_per_second']['mean']:.0f} |"
               for key, v in table.items()]
+    if gaps:
+        lines += ["", "fm-cached minus fm-online, paired by seed (same init, order and pixels):", "",
+                  "| student | top-1 points | mAP points | per seed (top-1) |", "|---|---|---|---|"]
+        lines += [f"| {st} | {_cell(g['top1'])} | {_cell(g['mAP'])} | "
+                  f"{', '.join(f'{v:+.2f}' for v in g['top1']['values'])} |" for st, g in gaps.items()]
     if sweep:
         lines += ["", f"Views sweep ({cfg['sweep_student']}, fm-cached)", "", "| K | top-1 % | mAP % |",
                   "|---|---|---|"]
