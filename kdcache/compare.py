@@ -180,19 +180,23 @@ def heatmaps(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     students = report["students"]
-    fig, axes = plt.subplots(1, len(students), figsize=(3.2 * len(students) + 1.2, 3.6), squeeze=False,
+    cols = min(len(students), 4)  # rows of four: ten students stay readable, plain/cached pairs share a row
+    rows = -(-len(students) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols + 1.2, 3.6 * rows), squeeze=False,
                              layout="constrained")
+    for ax in axes.flat[len(students):]:
+        ax.set_visible(False)
     image = None
-    for i, (ax, s) in enumerate(zip(axes[0], students)):
+    for i, (ax, s) in enumerate(zip(axes.flat, students)):
         matrix = np.array(s["cka_layers"])
         image = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis", aspect="auto")
         ax.set_xticks(range(matrix.shape[1]))
         ax.set_yticks(range(matrix.shape[0]))
         ax.set_title(f"{s['name']}\nCKA final {s['cka_final']:.2f}", fontsize=9)
         ax.set_xlabel(f"{s['model']} stage", fontsize=8)
-        if i == 0:
+        if i % cols == 0:
             ax.set_ylabel(f"{report['teacher']} stage")
-    fig.colorbar(image, ax=axes[0].tolist(), label="linear CKA")
+    fig.colorbar(image, ax=axes.ravel().tolist(), label="linear CKA")
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
