@@ -40,19 +40,25 @@ from study import metrics_of, optims, prepare_data  # noqa: E402
 MODES = ("cached", "fm-plain", "fm-cached", "fm-online")
 
 
+# What a recipe study takes from its base study config; the rest (students, epochs, views, the views sweep) is
+# its own, so that a base's sweep does not leak in.
+BASE_KEYS = ("data", "img_size", "batch_size", "teacher", "teacher_epochs", "alpha", "temperature", "crop_scale",
+             "hflip", "optim", "teacher_optim", "workers", "device", "amp")
+
+
 def load_config(path: str) -> dict:
-    """The recipe config over its base study config (the recipe config's keys win)."""
+    """The recipe config over the BASE_KEYS of its base study config (the recipe config's keys win)."""
     cfg = json.loads(Path(path).read_text())
-    base = Path(path).parent / cfg["base"]
-    merged = {**json.loads(base.read_text()), **cfg}
-    merged["base_name"] = json.loads(base.read_text())["name"]
-    return merged
+    base = json.loads((Path(path).parent / cfg["base"]).read_text())
+    return {**{k: base[k] for k in BASE_KEYS if k in base}, **cfg, "base_name": base["name"]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config")
     parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "kdcache-data"))
+    parser.add_argument("--report-only", action="store_true",
+                        help="train and dump nothing: write the report from the runs that have finished")
     args = parser.parse_args()
     cfg = load_config(args.config)
     name = cfg["name"]
@@ -74,6 +80,8 @@ def main() -> None:
     # The teacher: the base study's when it has one, else trained here once (plain, crop and flip).
     teacher_out = Path(cfg.get("teacher_run", f"runs/study-{cfg['base_name']}/teacher"))
     teacher = metrics_of(teacher_out)
+    if teacher is None and args.report_only:
+        sys.exit(f"{teacher_out} has no trained teacher: nothing to report")
     if teacher is None:
         teacher_out = runs / "teacher"
         teacher = metrics_of(teacher_out) or fit(TrainConfig(
@@ -83,7 +91,7 @@ def main() -> None:
 
     def cache(views: int, seed: int, with_recipe: bool) -> str:
         path = runs / f"teacher-K{views}-{'fm' if with_recipe else 'cropflip'}-seed{seed}.h5"
-        if not path.exists():
+        if not path.exists() and not args.report_only:
             print(f"== dump {path.name}", file=sys.stderr)
             dump(DumpConfig(teacher=cfg["teacher"], checkpoint=checkpoint, out=str(path), views=views, crops=crops,
                             recipe=recipe if with_recipe else Recipe(), run=run_of(seed)), progress)
@@ -92,6 +100,8 @@ def main() -> None:
     def train(key: str, model: str, seed: int, with_recipe: bool, **mode) -> None:
         target = runs / key
         done = metrics_of(target)
+        if done is None and args.report_only:
+            return
         if done is None:
             print(f"== {key}", file=sys.stderr)
             done = fit(TrainConfig(model=model, out=str(target), run=run_of(seed), optim=optim, epochs=epochs,
