@@ -155,7 +155,7 @@ def write_report(cfg: dict, out: Path, teacher: dict, records: dict) -> None:
             runs = [records[f"{student}-{mode}-seed{s}"] for s in seeds if f"{student}-{mode}-seed{s}" in records]
             if runs:
                 table[f"{student} {mode}"] = {m: _stats([r[m] for r in runs]) for m in
-                                              ("top1", "mAP", "images_per_second")}
+                                              ("top1", "mAP", "images_per_second")} | {"runs": len(runs)}
     sweep = {}
     if cfg.get("sweep_student"):
         for kv in cfg["views_sweep"]:
@@ -164,7 +164,7 @@ def write_report(cfg: dict, out: Path, teacher: dict, records: dict) -> None:
             runs = [records[key] for s in seeds if (key := f"{cfg['sweep_student']}-fm-cached{tag}-seed{s}") in records]
             if runs:
                 sweep[f"K={kk}" + (" (one view per epoch)" if kv == "epoch" else "")] = {
-                    m: _stats([r[m] for r in runs]) for m in ("top1", "mAP")}
+                    m: _stats([r[m] for r in runs]) for m in ("top1", "mAP")} | {"runs": len(runs)}
     gaps = {}  # fm-cached minus fm-online, seed by seed (the same pixels and init, so paired)
     for student in cfg["students"]:
         pairs = [(records[c], records[o]) for s in seeds
@@ -179,8 +179,8 @@ def write_report(cfg: dict, out: Path, teacher: dict, records: dict) -> None:
              f"Data: {cfg['data'].get('description', '')}. Teacher {teacher.get('model')} (top-1 "
              f"{teacher.get('top1', float('nan')):.2f} %). {cfg['epochs']} epochs, K = {cfg['views']}, seeds "
              f"{seeds}; recipe {json.dumps(cfg['recipe'])}, smoothing {cfg.get('smoothing', 0.0)}.", "",
-             "| student / mode | top-1 % | mAP % | img/s |", "|---|---|---|---|"]
-    lines += [f"| {key} | {_cell(v['top1'])} | {_cell(v['mAP'])} | {v['images_per_second']['mean']:.0f} |"
+             "| student / mode | top-1 % | mAP % | img/s | seeds |", "|---|---|---|---|---|"]
+    lines += [f"| {key} | {_cell(v['top1'])} | {_cell(v['mAP'])} | {v['images_per_second']['mean']:.0f} | {v['runs']} |"
               for key, v in table.items()]
     if gaps:
         lines += ["", "fm-cached minus fm-online, paired by seed (same init, order and pixels):", "",
@@ -188,9 +188,9 @@ def write_report(cfg: dict, out: Path, teacher: dict, records: dict) -> None:
         lines += [f"| {st} | {_cell(g['top1'])} | {_cell(g['mAP'])} | "
                   f"{', '.join(f'{v:+.2f}' for v in g['top1']['values'])} |" for st, g in gaps.items()]
     if sweep:
-        lines += ["", f"Views sweep ({cfg['sweep_student']}, fm-cached)", "", "| K | top-1 % | mAP % |",
-                  "|---|---|---|"]
-        lines += [f"| {key} | {_cell(v['top1'])} | {_cell(v['mAP'])} |" for key, v in sweep.items()]
+        lines += ["", f"Views sweep ({cfg['sweep_student']}, fm-cached)", "", "| K | top-1 % | mAP % | seeds |",
+                  "|---|---|---|---|"]
+        lines += [f"| {key} | {_cell(v['top1'])} | {_cell(v['mAP'])} | {v['runs']} |" for key, v in sweep.items()]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
