@@ -167,8 +167,8 @@ def write_report(cfg: dict, out: Path, teacher: dict, records: dict) -> None:
                     m: _stats([r[m] for r in runs]) for m in ("top1", "mAP")} | {"runs": len(runs)}
     gaps = {}  # fm-cached minus fm-online, seed by seed (the same pixels and init, so paired)
     for student in cfg["students"]:
-        pairs = [(records[c], records[o]) for s in seeds
-                 if (c := f"{student}-fm-cached-seed{s}") in records and (o := f"{student}-fm-online-seed{s}") in records]
+        keys = [(f"{student}-fm-cached-seed{s}", f"{student}-fm-online-seed{s}") for s in seeds]
+        pairs = [(records[c], records[o]) for c, o in keys if c in records and o in records]
         if pairs:
             gaps[student] = {m: _stats([a[m] - b[m] for a, b in pairs]) for m in ("top1", "mAP")}
     out.mkdir(parents=True, exist_ok=True)
@@ -180,8 +180,8 @@ def write_report(cfg: dict, out: Path, teacher: dict, records: dict) -> None:
              f"{teacher.get('top1', float('nan')):.2f} %). {cfg['epochs']} epochs, K = {cfg['views']}, seeds "
              f"{seeds}; recipe {json.dumps(cfg['recipe'])}, smoothing {cfg.get('smoothing', 0.0)}.", "",
              "| student / mode | top-1 % | mAP % | img/s | seeds |", "|---|---|---|---|---|"]
-    lines += [f"| {key} | {_cell(v['top1'])} | {_cell(v['mAP'])} | {v['images_per_second']['mean']:.0f} | {v['runs']} |"
-              for key, v in table.items()]
+    lines += [f"| {key} | {_cell(v['top1'])} | {_cell(v['mAP'])} | {v['images_per_second']['mean']:.0f} "
+              f"| {v['runs']} |" for key, v in table.items()]
     if gaps:
         lines += ["", "fm-cached minus fm-online, paired by seed (same init, order and pixels):", "",
                   "| student | top-1 points | mAP points | per seed (top-1) |", "|---|---|---|---|"]

@@ -290,8 +290,8 @@ def write_markdown(r: dict, path: Path) -> None:
               f"({r['dump_records_per_second']:,.0f} vs {bare['median']:,.0f} records/s) |"]
     c = r["ten_run_cost"]
     if c:
-        lines += ["", f"## The {2 * c['students']}-run study here ({c['students']} student(s) x plain/KD, {c['images']:,} images, "
-                      f"{c['epochs']} epochs, K = {c['views']} views)", "",
+        lines += ["", f"## The {2 * c['students']}-run study here ({c['students']} student(s) x plain/KD, "
+                      f"{c['images']:,} images, {c['epochs']} epochs, K = {c['views']} views)", "",
                   "| student | plain img/s | cached img/s |", "|---|---:|---:|"]
         lines += [f"| {x['student']} | {x['plain_img_s']:,.1f} | {x['cached_img_s']:,.1f} |" for x in r["study"]]
         n = c["students"]
