@@ -50,19 +50,24 @@ def golden_info(store: str):
     )
 
 
-def main() -> None:
+def write_golden(path: Path, info, v: dict, crops, flips, params: dict | None = None,
+                 witness: dict | None = None) -> None:
+    """Write the golden values `v` as one cache with today's CacheWriter (all the golden generators use this)."""
     from kdcache.cache import CacheWriter
 
+    writer = CacheWriter(path, info, v["sample_ids"], v["labels"], v["content_hashes"], force=True, witness=witness)
+    try:
+        writer.write(np.arange(len(v["sample_ids"])), crops, flips, v["logits"], params)
+        writer.finish()
+    finally:
+        writer.close()
+    print(f"wrote {path} ({path.stat().st_size} bytes)")
+
+
+def main() -> None:
     v = golden_values()
     for store, name in STORES.items():
-        path = HERE / name
-        writer = CacheWriter(path, golden_info(store), v["sample_ids"], v["labels"], v["content_hashes"], force=True)
-        try:
-            writer.write(np.arange(N), v["crops"], v["flips"], v["logits"])
-            writer.finish()
-        finally:
-            writer.close()
-        print(f"wrote {path} ({path.stat().st_size} bytes)")
+        write_golden(HERE / name, golden_info(store), v, v["crops"], v["flips"])
 
 
 if __name__ == "__main__":

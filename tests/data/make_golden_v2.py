@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from make_golden_v1 import K, N, golden_info as golden_info_v1, golden_values as golden_values_v1
+from make_golden_v1 import K, N, golden_info as golden_info_v1, golden_values as golden_values_v1, write_golden
 
 HERE = Path(__file__).resolve().parent
 NAME = "golden_v2_fp32_recipe.h5"
@@ -53,19 +53,10 @@ def golden_info():
 
 
 def main() -> None:
-    from kdcache.cache import CacheWriter
-
     v = golden_values()
-    path = HERE / NAME
-    writer = CacheWriter(path, golden_info(), v["sample_ids"], v["labels"], v["content_hashes"], force=True)
-    try:
-        params = {k: v[k] for k in ("ra_ops", "ra_args", "erase_boxes", "erase_seeds", "mix_partners",
-                                    "mix_lambdas", "cutmix_boxes")}
-        writer.write(np.arange(N), v["crops"], v["flips"], v["logits"], params)
-        writer.finish()
-    finally:
-        writer.close()
-    print(f"wrote {path} ({path.stat().st_size} bytes)")
+    params = {k: v[k] for k in ("ra_ops", "ra_args", "erase_boxes", "erase_seeds", "mix_partners",
+                                "mix_lambdas", "cutmix_boxes")}
+    write_golden(HERE / NAME, golden_info(), v, v["crops"], v["flips"], params)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ import dataclasses
 import importlib.util
 from pathlib import Path
 
-import numpy as np
 
 HERE = Path(__file__).resolve().parent
 NAME = "golden_v2_compact_topk2.h5"
@@ -38,18 +37,10 @@ def golden_info():
 
 
 def main() -> None:
-    from kdcache.cache import CacheWriter, make_witness
+    from kdcache.cache import make_witness
 
     v, info = v1.golden_values(), golden_info()
-    path = HERE / NAME
-    witness = make_witness(info, v["sample_ids"], image_size)
-    writer = CacheWriter(path, info, v["sample_ids"], v["labels"], v["content_hashes"], force=True, witness=witness)
-    try:
-        writer.write(np.arange(v1.N), None, None, v["logits"])
-        writer.finish()
-    finally:
-        writer.close()
-    print(f"wrote {path} ({path.stat().st_size} bytes)")
+    v1.write_golden(HERE / NAME, info, v, None, None, witness=make_witness(info, v["sample_ids"], image_size))
 
 
 if __name__ == "__main__":
