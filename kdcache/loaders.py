@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
-from .augment import Preprocess, apply_crop, eval_view, sample_crop, view_rng
+from .augment import Preprocess, apply_crop, eval_view
 from .config import CropRanges, Recipe
 from .data import ImageSet
 from .errors import CacheError
@@ -226,8 +226,7 @@ class DumpViews(Dataset):
 
     def __init__(self, images: ImageSet, seed: int, ranges: CropRanges, num_views: int, prep: Preprocess,
                  first_view: int = 0, recipe: Recipe | None = None) -> None:
-        self.images, self.seed, self.ranges, self.num_views, self.prep = images, seed, ranges, num_views, prep
-        self.first_view = first_view
+        self.images, self.num_views, self.prep, self.first_view = images, num_views, prep, first_view
         self.source = SeededViews(seed, ranges, recipe or Recipe(), len(images))
 
     def __len__(self) -> int:
@@ -235,27 +234,21 @@ class DumpViews(Dataset):
 
     def __getitem__(self, row: int) -> dict:
         pixels = self.images.load(row)
-        h, w = int(pixels.shape[-2]), int(pixels.shape[-1])
-        sample_id = int(self.images.ids[row])
-        if not self.source.recipe.is_default:
-            return self._recipe_views(row, pixels, (h, w))
-        boxes, flips = zip(*(sample_crop(view_rng(self.seed, sample_id, v), h, w, self.ranges)
-                             for v in range(self.first_view, self.num_views)))
-        crops = [apply_crop(pixels, box, flip, self.prep) for box, flip in zip(boxes, flips)]
-        return {"images": torch.stack(crops), "boxes": torch.from_numpy(np.stack(boxes)),
-                "flips": torch.tensor(flips), "rows": row}
-
-    def _recipe_views(self, row: int, pixels: torch.Tensor, size: tuple[int, int]) -> dict:
         rows = np.array([row])
+        size = (int(pixels.shape[-2]), int(pixels.shape[-1]))
         fetched = [(v, self.source.fetch(rows, self.images.ids[rows], [size], v, self.prep.size))
                    for v in range(self.first_view, self.num_views)]
-        images, _ = render_views(self.images, self.source, self.prep, rows, [pixels], fetched)
-        params = {name: torch.from_numpy(np.concatenate([f[name] for _, f in fetched]))
-                  for name in param_names(self.source.recipe)}
         boxes = np.concatenate([f["boxes"] for _, f in fetched])
         flips = np.concatenate([f["flips"] for _, f in fetched])
-        return {"images": torch.stack(images), "boxes": torch.from_numpy(boxes), "flips": torch.from_numpy(flips),
-                "rows": row, "params": params}
+        out = {"boxes": torch.from_numpy(boxes), "flips": torch.from_numpy(flips), "rows": row}
+        if self.source.recipe.is_default:  # uint8 crops, normalised on the device
+            images = [apply_crop(pixels, box, bool(flip), self.prep) for box, flip in zip(boxes, flips)]
+        else:
+            images, _ = render_views(self.images, self.source, self.prep, rows, [pixels], fetched)
+            out["params"] = {name: torch.from_numpy(np.concatenate([f[name] for _, f in fetched]))
+                             for name in param_names(self.source.recipe)}
+        out["images"] = torch.stack(images)
+        return out
 
 
 class EvalViews(Dataset):
