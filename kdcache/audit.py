@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 
@@ -9,7 +11,8 @@ from .augment import view_rng
 from .cache import CacheInfo, CacheReader, record_bytes, store_codec
 from .cache.features import MIN_COSINE, cosine
 from .compatibility import check_cache_fits
-from .data import open_dataset
+from .config import CropRanges
+from .data import ImageSet, open_dataset
 from .errors import CacheError
 from .report import Progress
 from .recipe import sample_view
@@ -158,16 +161,17 @@ def _load_verify_teacher(info: CacheInfo, teacher: str, checkpoint: str | None, 
 def verify_cache(path: str, data: str, teacher: str, checkpoint: str | None, samples: int = 256, seed: int = 0,
                  device: str = "auto", pretrained: bool = False, tolerance: float | None = None,
                  temperature: float = 4.0, progress: Progress | None = None) -> dict:
-    """Check every stored record's values, then recompute `samples` random (image, view) records and compare.
+    """Check every stored record, then run the teacher on `samples` random (image, view) records and compare.
 
-    Checks that no record is invalid (non-finite logits, a box outside the
-    image, a damaged chunk, ...), and, for each sampled record, that the
-    stored view parameters (the crop and flip and, under a recipe, the ops,
-    jitter, erased box, partner, lambda and CutMix box) are the ones
-    ``(seed, sample_id, view)`` gives, bit for bit, and that the stored logits
-    match the teacher's on the view rebuilt from the stored parameters (a
-    mixed view with its partner's stored view) for the classes the store
-    keeps exactly. Returns the figures and ``ok``.
+    Checks, for every record, that it is valid (finite logits, a box inside
+    the image, no damaged chunk, ...) and that its stored view parameters
+    (the crop and flip and, under a recipe, the ops, jitter, erased box,
+    partner, lambda and CutMix box) are the ones ``(seed, sample_id, view)``
+    gives, bit for bit (this needs only each image's size, read from its
+    header); and, for each sampled record, that the stored logits match the
+    teacher's on the view rebuilt from the stored parameters (a mixed view
+    with its partner's stored view) for the classes the store keeps exactly.
+    Returns the figures and ``ok``.
     """
     from .features import FeatureSpec
     from .loaders import render_views
@@ -178,11 +182,12 @@ def verify_cache(path: str, data: str, teacher: str, checkpoint: str | None, sam
     info, codec = reader.info, reader.codec
     train = open_dataset(data, "train")
     check_cache_fits(reader, train)
-    scan = reader.scan(progress=progress)
+    ranges = ranges_of_cache(reader)
+    crop_mismatch: list[str] = []
+    scan = reader.scan(visit=_parameter_check(reader, train, ranges, crop_mismatch), progress=progress)
     dev = resolve_device(device)
     model = _load_verify_teacher(info, teacher, checkpoint, pretrained, dev, progress)
     prep = preprocess_of_cache(reader)
-    ranges = ranges_of_cache(reader)
     tolerance = codec.tolerance if tolerance is None else tolerance
     total = info.num_samples * info.num_views
     rng = np.random.default_rng(seed)
@@ -193,7 +198,6 @@ def verify_cache(path: str, data: str, teacher: str, checkpoint: str | None, sam
     source = CachedViews(reader, tuple(feature_sizes))  # the stored parameters, logits and every feature
     cosines: dict[str, list[float]] = {f.spec: [] for f in reader.features}
 
-    crop_mismatch: list[str] = []
     worst_rel, worst_abs, kls, worst_at, compared = 0.0, 0.0, [], "", 0
     progress.start("verify", len(picks))
     for start in range(0, len(picks), 64):
@@ -208,12 +212,6 @@ def verify_cache(path: str, data: str, teacher: str, checkpoint: str | None, sam
                 crop, _ = render_views(train, source, prep, rows_asked, [image], [(int(view), fetched)])
             except CacheError:
                 continue  # an invalid record (or its partner's): the scan above counted it
-            expect = sample_view(view_rng(info.seed, int(train.ids[row]), int(view)), *size[0], ranges,
-                                 reader.recipe, info.num_samples, int(row), info.input_size)
-            stored = {"crops": fetched["boxes"][0], "flips": fetched["flips"][0],
-                      **{name: fetched[name][0] for name in expect if name not in ("crops", "flips")}}
-            if any(not np.array_equal(np.asarray(expect[name]), np.asarray(stored[name])) for name in expect):
-                crop_mismatch.append(f"{train.describe(int(row))} view {int(view)}")
             crops.append(crop[0])
             cached.append(fetched["teacher_logits"][0].numpy())
             cached_features.append({kind: fetched[f"teacher_{kind}"].numpy() for kind in source.kinds})
@@ -249,6 +247,32 @@ def verify_cache(path: str, data: str, teacher: str, checkpoint: str | None, sam
             "crop_mismatches": len(crop_mismatch), "first_crop_mismatch": crop_mismatch[0] if crop_mismatch else "",
             "min_feature_cosine": min_cosine, "feature_cosine_tolerance": MIN_COSINE, "features_ok": features_ok,
             "ok": bool(ok)}
+
+
+def _parameter_check(reader: CacheReader, train: ImageSet, ranges: CropRanges,
+                     mismatches: list[str]) -> Callable[[int, dict[str, np.ndarray], np.ndarray], None]:
+    """A :meth:`CacheReader.scan` visitor that derives every valid record's view parameters from ``(seed,
+    sample id, view)`` and appends ``'IMAGE view V'`` to `mismatches` where a stored one differs.
+
+    A compact cache stores no crops and flips; the parameters it does store
+    are still checked.
+    """
+    info = reader.info
+
+    def visit(first_row: int, arrays: dict[str, np.ndarray], valid: np.ndarray) -> None:
+        for i in range(len(valid)):
+            if not valid[i].any():
+                continue
+            row = first_row + i
+            height, width = train.image_size(row)
+            for view in np.flatnonzero(valid[i]):
+                expect = sample_view(view_rng(info.seed, int(train.ids[row]), int(view)), height, width, ranges,
+                                     reader.recipe, info.num_samples, row, info.input_size)
+                if any(name in arrays and not np.array_equal(value, arrays[name][i, view])
+                       for name, value in expect.items()):
+                    mismatches.append(f"{train.describe(row)} view {int(view)}")
+
+    return visit
 
 
 def require_ok(result: dict) -> None:

@@ -290,7 +290,8 @@ def inspect(cache: str, as_json: bool) -> None:
 @click.option("--checkpoint", type=click.Path(dir_okay=False), default=None, help="The teacher's weights.")
 @click.option("--pretrained", is_flag=True, help="Use timm's pretrained weights instead of --checkpoint.")
 @click.option("--samples", type=click.IntRange(1), default=256, show_default=True,
-              help="Random (image, view) records to recompute.")
+              help="Random (image, view) records to run the teacher on. Every record's crop and recipe "
+                   "parameters are checked against their seeds whatever this is.")
 @click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Which records are drawn.")
 @click.option("--tolerance", type=click.FloatRange(0), default=None,
               help="Largest accepted logit difference relative to the record's largest |logit|. "

@@ -93,6 +93,11 @@ class ImageSet:
         """A human-readable name of row `index`, for error messages."""
         raise NotImplementedError
 
+    def image_size(self, index: int) -> tuple[int, int]:
+        """(height, width) of the image at row `index`, as :meth:`load` gives it."""
+        shape = self.load(index).shape
+        return int(shape[-2]), int(shape[-1])
+
     def _content_hash(self, index: int, scheme: str) -> int:
         raise NotImplementedError
 
@@ -185,6 +190,15 @@ class FileImageSet(ImageSet):
 
     def describe(self, index: int) -> str:
         return str(self.path(index))
+
+    def image_size(self, index: int) -> tuple[int, int]:
+        """(height, width) from the file's header, without decoding it (decoding applies no EXIF rotation)."""
+        try:
+            with Image.open(self.path(index)) as im:
+                width, height = im.size
+        except Exception:  # unreadable here: load() words the error, or decodes what PIL's header reader cannot
+            return super().image_size(index)
+        return int(height), int(width)
 
     def load(self, index: int) -> torch.Tensor:
         path = self.path(index)

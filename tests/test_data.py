@@ -135,3 +135,26 @@ def test_content_hash_schemes(tmp_path: Path, image_folder: Path) -> None:
     assert digits.fingerprint_for(HEAD_TAIL) == digits.fingerprint_for(WHOLE_FILE) == digits.fingerprint
     with pytest.raises(DataError, match="unknown content hash scheme 'xxh3'"):
         digits.fingerprint_for("xxh3")
+
+
+def test_image_size_from_the_header_is_the_decoded_size(tmp_path: Path, image_folder: Path) -> None:
+    """verify derives every record's crop from image_size(); it must be load()'s (H, W) for any file."""
+    odd = tmp_path / "odd"
+    (odd / "train" / "a").mkdir(parents=True)
+    (odd / "test" / "a").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (30, 50), dtype=np.uint8)).save(odd / "train" / "a" / "grey.png")
+    rotated = Image.fromarray(rng.integers(0, 255, (20, 44, 3), dtype=np.uint8))
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # EXIF orientation "rotate 90 degrees": a viewer would show it 44 x 20
+    rotated.save(odd / "train" / "a" / "rotated.jpg", exif=exif)
+    Image.fromarray(rng.integers(0, 255, (17, 9, 4), dtype=np.uint8)).save(odd / "train" / "a" / "rgba.png")
+    Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(odd / "test" / "a" / "x.png")
+    for root in (image_folder, odd):
+        train = open_dataset(str(root), "train")
+        for row in range(len(train)):
+            assert train.image_size(row) == tuple(train.load(row).shape[-2:]), train.describe(row)
+    odd_train = open_dataset(str(odd), "train")
+    assert sorted(odd_train.image_size(row) for row in range(3)) == [(17, 9), (20, 44), (30, 50)]
+    digits = open_dataset("digits", "train")
+    assert digits.image_size(0) == tuple(digits.load(0).shape[-2:])
