@@ -112,6 +112,8 @@ def augment_policy(aa: str) -> AugmentPolicy:
         ra = rand_augment_transform(resolved, {})
     except (AssertionError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"{hint}; got '{aa}' ({e or 'unknown section'})") from None
+    if ra.num_layers < 1:
+        raise ConfigError(f"--aa '{aa}' applies no op (n{ra.num_layers}); give n1 or more, or leave --aa out")
     names = tuple(op.name for op in ra.ops)
     bad = [n for n in names if n in _RANDOM_INSIDE]
     if bad:

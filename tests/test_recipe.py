@@ -79,6 +79,7 @@ def test_default_recipe_draws_todays_crops_and_writes_nothing_more() -> None:
     ("--aa", "rand-m9-zz3", "--aa must be a timm RandAugment string"),
     ("--aa", "rand-m9-foo", "unknown section 'foo'"),
     ("--aa", "autoaugment", "--aa must be a timm RandAugment string"),
+    ("--aa", "rand-m9-mstd0.5-inc1-n0", "applies no op (n0)"),
 ])
 def test_bad_recipe_values_are_one_line_errors(tmp_path: Path, option: str, value: str, message: str) -> None:
     for command in (["dump-teacher", "--teacher", TEACHER, "--out", str(tmp_path / "c.h5")],
