@@ -2,6 +2,7 @@
 
     python benchmarks/recipe_study.py benchmarks/recipe_cifar.json
     python benchmarks/recipe_study.py benchmarks/recipe_smoke.json   # minutes on a CPU: checks the script
+    python benchmarks/recipe_study.py benchmarks/recipe_stanford40.json   # the paper's setting, on a GPU
 
 A config names a study config of benchmarks/study.py as its "base" (data,
 teacher, input size, batch, optimizer, crop ranges, alpha and T come from
@@ -43,7 +44,7 @@ MODES = ("cached", "fm-plain", "fm-cached", "fm-online")
 # What a recipe study takes from its base study config; the rest (students, epochs, views, the views sweep) is
 # its own, so that a base's sweep does not leak in.
 BASE_KEYS = ("data", "img_size", "batch_size", "teacher", "teacher_epochs", "alpha", "temperature", "crop_scale",
-             "hflip", "optim", "teacher_optim", "workers", "device", "amp")
+             "hflip", "optim", "teacher_optim", "workers", "device", "amp", "pretrained")
 
 
 def load_config(path: str) -> dict:
@@ -72,6 +73,7 @@ def main() -> None:
     hardware = {k: cfg[k] for k in ("workers", "device", "amp") if k in cfg}
     base_run = RunOptions(data=data, img_size=cfg["img_size"], batch_size=cfg["batch_size"], seed=0, **hardware)
     epochs = cfg["epochs"]
+    pretrained = bool(cfg.get("pretrained", False))  # timm's ImageNet weights for the teacher and the students
     records: dict[str, dict] = {}
 
     def run_of(seed: int) -> RunOptions:
@@ -86,7 +88,7 @@ def main() -> None:
         teacher_out = runs / "teacher"
         teacher = metrics_of(teacher_out) or fit(TrainConfig(
             model=cfg["teacher"], out=str(teacher_out), run=base_run, optim=teacher_optim,
-            epochs=cfg["teacher_epochs"], crops=crops), progress)
+            epochs=cfg["teacher_epochs"], crops=crops, pretrained=pretrained), progress)
     checkpoint = teacher["checkpoint"]
 
     def cache(views: int, seed: int, with_recipe: bool) -> str:
@@ -107,7 +109,8 @@ def main() -> None:
             done = fit(TrainConfig(model=model, out=str(target), run=run_of(seed), optim=optim, epochs=epochs,
                                    crops=crops, alpha=cfg["alpha"], temperature=cfg["temperature"],
                                    recipe=recipe if with_recipe else Recipe(),
-                                   smoothing=cfg.get("smoothing", 0.0) if with_recipe else 0.0, **mode), progress)
+                                   smoothing=cfg.get("smoothing", 0.0) if with_recipe else 0.0,
+                                   pretrained=pretrained, **mode), progress)
         records[key] = done
 
     online = {"online_teacher": cfg["teacher"], "teacher_checkpoint": checkpoint}

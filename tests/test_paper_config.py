@@ -86,3 +86,18 @@ def test_configs_without_teacher_optim_train_the_teacher_as_before(name: str) ->
     assert "teacher_optim" not in cfg
     students, teacher = optims(cfg)
     assert teacher == students == OptimOptions(**cfg["optim"])
+
+
+def test_the_function_matching_study_runs_in_the_papers_setting() -> None:
+    """benchmarks/recipe_stanford40.json takes the paper's data, teacher, size and optimizer from the study config."""
+    from kdcache.config import Recipe
+    from recipe_study import load_config
+
+    cfg = load_config(str(ROOT / "benchmarks" / "recipe_stanford40.json"))
+    for key in ("data", "img_size", "teacher", "teacher_epochs", "alpha", "temperature", "optim", "teacher_optim",
+                "pretrained", "amp", "workers"):
+        assert cfg[key] == CONFIG[key], key
+    assert cfg["pretrained"] is True and cfg["img_size"] == 224
+    assert set(cfg["students"]) <= set(CONFIG["students"]) and cfg["sweep_student"] in cfg["students"]
+    assert not Recipe(**cfg["recipe"]).is_default
+    assert all(k == "epoch" or 1 <= k <= cfg["epochs"] for k in cfg["views_sweep"])
