@@ -183,7 +183,7 @@ def verify_cache(path: str, data: str, teacher: str, checkpoint: str | None, sam
     train = open_dataset(data, "train")
     check_cache_fits(reader, train)
     ranges = ranges_of_cache(reader)
-    crop_mismatch: list[str] = []
+    crop_mismatch = {"count": 0, "first": ""}
     scan = reader.scan(visit=_parameter_check(reader, train, ranges, crop_mismatch), progress=progress)
     dev = resolve_device(device)
     model = _load_verify_teacher(info, teacher, checkpoint, pretrained, dev, progress)
@@ -239,20 +239,21 @@ def verify_cache(path: str, data: str, teacher: str, checkpoint: str | None, sam
     reader.close()
     min_cosine = {name: float(min(values)) if values else None for name, values in cosines.items()}
     features_ok = all(c is None or c >= MIN_COSINE for c in min_cosine.values())
-    ok = worst_rel <= tolerance and not crop_mismatch and scan.ok and features_ok
+    ok = worst_rel <= tolerance and not crop_mismatch["count"] and scan.ok and features_ok
     return {"cache": str(reader.path), "samples": int(len(picks)), "compared": compared, "store": info.store,
             "bad_records": scan.bad_records, "first_bad_record": scan.first_bad[0] if scan.first_bad else "",
             "max_abs_logit_diff": worst_abs, "max_rel_logit_diff": worst_rel, "worst_record": worst_at,
             "tolerance": tolerance, "mean_kl": float(np.mean(kls)) if kls else None, "temperature": temperature,
-            "crop_mismatches": len(crop_mismatch), "first_crop_mismatch": crop_mismatch[0] if crop_mismatch else "",
+            "crop_mismatches": crop_mismatch["count"], "first_crop_mismatch": crop_mismatch["first"],
             "min_feature_cosine": min_cosine, "feature_cosine_tolerance": MIN_COSINE, "features_ok": features_ok,
             "ok": bool(ok)}
 
 
 def _parameter_check(reader: CacheReader, train: ImageSet, ranges: CropRanges,
-                     mismatches: list[str]) -> Callable[[int, dict[str, np.ndarray], np.ndarray], None]:
+                     mismatches: dict) -> Callable[[int, dict[str, np.ndarray], np.ndarray], None]:
     """A :meth:`CacheReader.scan` visitor that derives every valid record's view parameters from ``(seed,
-    sample id, view)`` and appends ``'IMAGE view V'`` to `mismatches` where a stored one differs.
+    sample id, view)`` and counts in ``mismatches["count"]`` the records where a stored one differs (the
+    first as ``mismatches["first"]``, 'IMAGE view V').
 
     A compact cache stores no crops and flips; the parameters it does store
     are still checked.
@@ -270,7 +271,8 @@ def _parameter_check(reader: CacheReader, train: ImageSet, ranges: CropRanges,
                                      reader.recipe, info.num_samples, row, info.input_size)
                 if any(name in arrays and not np.array_equal(value, arrays[name][i, view])
                        for name, value in expect.items()):
-                    mismatches.append(f"{train.describe(row)} view {int(view)}")
+                    mismatches["first"] = mismatches["first"] or f"{train.describe(row)} view {int(view)}"
+                    mismatches["count"] += 1
 
     return visit
 
