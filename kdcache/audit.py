@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Callable
-
 import numpy as np
 import torch
 
@@ -182,9 +180,8 @@ def verify_cache(path: str, data: str, teacher: str, checkpoint: str | None, sam
     info, codec = reader.info, reader.codec
     train = open_dataset(data, "train")
     check_cache_fits(reader, train)
-    ranges = ranges_of_cache(reader)
-    crop_mismatch = {"count": 0, "first": ""}
-    scan = reader.scan(visit=_parameter_check(reader, train, ranges, crop_mismatch), progress=progress)
+    parameters = _ParameterCheck(reader, train, ranges_of_cache(reader))
+    scan = reader.scan(visit=parameters, progress=progress)
     dev = resolve_device(device)
     model = _load_verify_teacher(info, teacher, checkpoint, pretrained, dev, progress)
     prep = preprocess_of_cache(reader)
@@ -239,42 +236,42 @@ def verify_cache(path: str, data: str, teacher: str, checkpoint: str | None, sam
     reader.close()
     min_cosine = {name: float(min(values)) if values else None for name, values in cosines.items()}
     features_ok = all(c is None or c >= MIN_COSINE for c in min_cosine.values())
-    ok = worst_rel <= tolerance and not crop_mismatch["count"] and scan.ok and features_ok
+    ok = worst_rel <= tolerance and not parameters.count and scan.ok and features_ok
     return {"cache": str(reader.path), "samples": int(len(picks)), "compared": compared, "store": info.store,
             "bad_records": scan.bad_records, "first_bad_record": scan.first_bad[0] if scan.first_bad else "",
             "max_abs_logit_diff": worst_abs, "max_rel_logit_diff": worst_rel, "worst_record": worst_at,
             "tolerance": tolerance, "mean_kl": float(np.mean(kls)) if kls else None, "temperature": temperature,
-            "crop_mismatches": crop_mismatch["count"], "first_crop_mismatch": crop_mismatch["first"],
+            "crop_mismatches": parameters.count, "first_crop_mismatch": parameters.first,
             "min_feature_cosine": min_cosine, "feature_cosine_tolerance": MIN_COSINE, "features_ok": features_ok,
             "ok": bool(ok)}
 
 
-def _parameter_check(reader: CacheReader, train: ImageSet, ranges: CropRanges,
-                     mismatches: dict) -> Callable[[int, dict[str, np.ndarray], np.ndarray], None]:
-    """A :meth:`CacheReader.scan` visitor that derives every valid record's view parameters from ``(seed,
-    sample id, view)`` and counts in ``mismatches["count"]`` the records where a stored one differs (the
-    first as ``mismatches["first"]``, 'IMAGE view V').
+class _ParameterCheck:
+    """A :meth:`CacheReader.scan` visitor: derives every valid record's view parameters from ``(seed, sample id,
+    view)`` and counts the records where a stored one differs (`first` names the first, 'IMAGE view V').
 
     A compact cache stores no crops and flips; the parameters it does store
     are still checked.
     """
-    info = reader.info
 
-    def visit(first_row: int, arrays: dict[str, np.ndarray], valid: np.ndarray) -> None:
+    def __init__(self, reader: CacheReader, train: ImageSet, ranges: CropRanges) -> None:
+        self.reader, self.train, self.ranges = reader, train, ranges
+        self.count, self.first = 0, ""
+
+    def __call__(self, first_row: int, arrays: dict[str, np.ndarray], valid: np.ndarray) -> None:
+        info = self.reader.info
         for i in range(len(valid)):
             if not valid[i].any():
                 continue
             row = first_row + i
-            height, width = train.image_size(row)
+            height, width = self.train.image_size(row)
             for view in np.flatnonzero(valid[i]):
-                expect = sample_view(view_rng(info.seed, int(train.ids[row]), int(view)), height, width, ranges,
-                                     reader.recipe, info.num_samples, row, info.input_size)
+                expect = sample_view(view_rng(info.seed, int(self.train.ids[row]), int(view)), height, width,
+                                     self.ranges, self.reader.recipe, info.num_samples, row, info.input_size)
                 if any(name in arrays and not np.array_equal(value, arrays[name][i, view])
                        for name, value in expect.items()):
-                    mismatches["first"] = mismatches["first"] or f"{train.describe(row)} view {int(view)}"
-                    mismatches["count"] += 1
-
-    return visit
+                    self.first = self.first or f"{self.train.describe(row)} view {int(view)}"
+                    self.count += 1
 
 
 def require_ok(result: dict) -> None:
