@@ -54,7 +54,7 @@ def check_cache_fits(reader: CacheReader, train: ImageSet) -> None:
     witness = reader.witness
     for sid, (h, w) in zip(witness.get("witness_ids", ()), witness.get("witness_sizes", ())):
         row = int(np.flatnonzero(reader.sample_ids == sid)[0])
-        now = tuple(train.load(row).shape[-2:])
+        now = train.image_size(row)  # load()'s size, from the file's header
         if now != (h, w):
             raise CacheError(f"{path}: {train.describe(row)} decodes to {now[0]}x{now[1]} pixels, {h}x{w} when the "
                              "compact cache was dumped, so its crops would differ; dump the teacher again")
